@@ -1,0 +1,178 @@
+"""Value types of a call, and the two strategy protocols plugins implement."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from dispatchkit._urls import mask_url
+from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError, excerpt
+
+SUCCESS: Literal["success"] = "success"
+FAILURE: Literal["failure"] = "failure"
+
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "webhook-signature"})
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One call on its way out; ``prepare_request`` hooks may edit ``headers``.
+
+    ``url`` is the URL that is sent (for GET, HEAD, DELETE and OPTIONS it holds
+    the encoded arguments); ``kwargs`` are the task's arguments as given;
+    ``body`` is the encoded body or ``None``; ``attempt`` counts from 1.
+    """
+
+    method: str
+    url: str
+    kwargs: Mapping[str, Any]
+    headers: dict[str, str]
+    body: bytes | None
+    task_id: str
+    timeout: float
+    attempt: int = 0
+
+    def __repr__(self) -> str:
+        headers = {
+            k: ("***" if k.lower() in _SECRET_HEADERS else v) for k, v in self.headers.items()
+        }
+        return (
+            f"Request(method={self.method!r}, url={mask_url(self.url)!r}, "
+            f"task_id={self.task_id!r}, attempt={self.attempt}, headers={headers!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What a transport got back: the status, the headers and the whole body.
+
+    ``headers`` should be case-insensitive (urllib3's ``HTTPHeaderDict`` is);
+    :meth:`header` also copes with a plain ``dict``.
+    """
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """Return header ``name`` looked up without regard to case."""
+        value = self.headers.get(name)
+        if value is not None:
+            return value
+        lowered = name.lower()
+        for key, candidate in self.headers.items():
+            if key.lower() == lowered:
+                return candidate
+        return default
+
+    @property
+    def media_type(self) -> str:
+        """The Content-Type without parameters, lower-cased; ``""`` when absent."""
+        content_type = self.header("content-type")
+        if not content_type:
+            return ""
+        return content_type.partition(";")[0].strip().lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The task's answer: ``status`` is ``"success"`` (with ``retval``) or ``"failure"``."""
+
+    status: str
+    retval: Any = None
+    reason: str | None = None
+
+    @classmethod
+    def success(cls, retval: Any = None) -> Envelope:
+        return cls(SUCCESS, retval=retval)
+
+    @classmethod
+    def failure(cls, reason: str) -> Envelope:
+        return cls(FAILURE, reason=reason)
+
+    @classmethod
+    def from_object(cls, obj: object, body: bytes = b"") -> Envelope:
+        """Validate a decoded JSON value as an envelope; codecs share this.
+
+        Raises :class:`InvalidResponseError` when ``obj`` is not an object with a
+        ``status``, and :class:`UnknownStatusError` for any status but the two.
+        ``body`` is only quoted in messages.
+        """
+        if not isinstance(obj, dict):
+            raise InvalidResponseError(
+                f"envelope must be a JSON object, got {type(obj).__name__}: {excerpt(body)}",
+                body=body,
+            )
+        try:
+            status = obj["status"]
+        except KeyError:
+            raise InvalidResponseError(
+                f'envelope has no "status": {excerpt(body)}', body=body
+            ) from None
+        if status == SUCCESS:
+            return cls(SUCCESS, retval=obj.get("retval"))
+        if status == FAILURE:
+            reason = obj.get("reason")
+            return cls(FAILURE, reason="" if reason is None else str(reason))
+        raise UnknownStatusError(f"unknown envelope status {status!r}: {excerpt(body)}", body=body)
+
+    def to_object(self) -> dict[str, Any]:
+        """The JSON-ready mapping of this envelope."""
+        if self.status == FAILURE:
+            return {"status": FAILURE, "reason": self.reason or ""}
+        return {"status": self.status, "retval": self.retval}
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Sends a :class:`Request` and returns the whole :class:`Response`.
+
+    Raise :class:`~dispatchkit.TransportError` (or a subclass) when nothing
+    usable came back; any status code is a normal return.
+    """
+
+    def send(self, request: Request) -> Response: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns a response body into an :class:`Envelope`, and back on the server side."""
+
+    media_type: str
+
+    def decode(self, response: Response) -> Envelope: ...
+
+    def encode(self, envelope: Envelope) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """One registered plugin, as :attr:`Dispatcher.plugins` lists it."""
+
+    name: str
+    hooks: tuple[str, ...]
+    distribution: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    plugin: object = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a call ended, as ``dispatchkit_call_done`` sees it.
+
+    Exactly one of ``retval`` (when ``error`` is ``None``) and ``error`` is
+    meaningful; ``duration`` is in seconds, over all attempts.
+    """
+
+    retval: Any
+    error: BaseException | None
+    duration: float
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,199 @@
+"""The one error hierarchy of dispatchkit.
+
+::
+
+    DispatchError
+    ├── EncodeError               (an argument cannot be encoded; also a TypeError)
+    ├── TransportError            (nothing usable came back)
+    │   ├── ConnectError          (also a builtin ConnectionError)
+    │   └── DispatchTimeout       (connect or read; also a builtin TimeoutError)
+    ├── HTTPStatusError           (non-2xx, no envelope)
+    ├── InvalidResponseError      (the body is not a valid envelope)
+    │   ├── UnknownStatusError
+    │   └── ResponseTooLargeError
+    ├── RemoteExecuteError        (the task itself said "failure"; .reason)
+    └── PluginLoadError           (a plugin could not be loaded or is malformed)
+
+Every error raised for a call carries the call's ``task_id``, ``method`` and
+``url`` (secrets in the userinfo or query masked). Errors pickle with that
+context, so they cross process boundaries intact; the :class:`Request` itself
+(which may hold credentials in its headers) stays behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from dispatchkit._urls import mask_url
+
+if TYPE_CHECKING:
+    from dispatchkit._models import Request
+
+__all__ = [
+    "ConnectError",
+    "DispatchError",
+    "DispatchTimeout",
+    "EncodeError",
+    "HTTPStatusError",
+    "InvalidResponseError",
+    "PluginLoadError",
+    "RemoteExecuteError",
+    "ResponseTooLargeError",
+    "TransportError",
+    "UnknownStatusError",
+]
+
+EXCERPT_BYTES = 200
+
+
+def excerpt(body: bytes, limit: int = EXCERPT_BYTES) -> str:
+    """Quote at most ``limit`` bytes of ``body`` for a message."""
+    text = body[:limit].decode("utf-8", "replace")
+    return repr(text) + ("..." if len(body) > limit else "")
+
+
+class DispatchError(Exception):
+    """Root of every error dispatchkit raises."""
+
+    task_id: str | None
+    method: str | None
+    url: str | None
+    request: Request | None
+
+    def __init__(self, message: str, *, request: Request | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request = request
+        if request is not None:
+            self.task_id = request.task_id
+            self.method = request.method
+            self.url = mask_url(request.url)
+        else:
+            self.task_id = self.method = self.url = None
+
+    def bind(self, request: Request) -> DispatchError:
+        """Attach the call's context if the error was raised without it; return self."""
+        if self.request is None and self.method is None:
+            self.request = request
+            self.task_id = request.task_id
+            self.method = request.method
+            self.url = mask_url(request.url)
+        return self
+
+    def __str__(self) -> str:
+        if self.method is None:
+            return self.message
+        return f"{self.message} [{self.method} {self.url} task {self.task_id}]"
+
+    def _state(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["request"] = None  # headers may hold credentials; context is kept below
+        return state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self._state()))
+
+
+def _rebuild(cls: type[DispatchError], state: dict[str, Any]) -> DispatchError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
+
+
+class EncodeError(DispatchError, TypeError):
+    """A keyword argument cannot be encoded for the wire; nothing was sent."""
+
+    def __init__(self, message: str, *, argument: str, request: Request | None = None) -> None:
+        super().__init__(message, request=request)
+        self.argument = argument
+
+
+class TransportError(DispatchError):
+    """Nothing usable came back: the connection failed, dropped or timed out.
+
+    ``transient`` says whether trying again could help (a certificate that does
+    not verify will not verify on the next attempt either).
+    """
+
+    def __init__(
+        self, message: str, *, request: Request | None = None, transient: bool = True
+    ) -> None:
+        super().__init__(message, request=request)
+        self.transient = transient
+
+
+class ConnectError(TransportError, ConnectionError):
+    """No connection could be made; the request provably never left."""
+
+
+class DispatchTimeout(TransportError, TimeoutError):
+    """Connecting, waiting for a pooled connection, or reading took too long."""
+
+
+class HTTPStatusError(DispatchError):
+    """The server answered a non-2xx status without a failure envelope."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+        request: Request | None = None,
+    ) -> None:
+        super().__init__(message, request=request)
+        self.status = status
+        self.headers = dict(headers)
+        self.body_excerpt = body[:EXCERPT_BYTES]
+
+
+class InvalidResponseError(DispatchError):
+    """The body is not a valid envelope (empty, not JSON, not an object, no status)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        body: bytes = b"",
+        status: int | None = None,
+        request: Request | None = None,
+    ) -> None:
+        super().__init__(message, request=request)
+        self.body_excerpt = body[:EXCERPT_BYTES]
+        self.status = status
+
+
+class UnknownStatusError(InvalidResponseError):
+    """The envelope's status is neither ``"success"`` nor ``"failure"``."""
+
+
+class ResponseTooLargeError(InvalidResponseError):
+    """The body is larger than ``max_response_bytes``; it was not read to the end."""
+
+    def __init__(
+        self, message: str, *, limit: int, status: int | None = None, request: Request | None = None
+    ) -> None:
+        super().__init__(message, status=status, request=request)
+        self.limit = limit
+
+
+class RemoteExecuteError(DispatchError):
+    """The task ran and reported ``{"status": "failure", "reason": ...}``."""
+
+    def __init__(
+        self, reason: str, *, status: int | None = None, request: Request | None = None
+    ) -> None:
+        super().__init__(reason, request=request)
+        self.reason = reason
+        self.status = status
+
+
+class PluginLoadError(DispatchError):
+    """A plugin could not be imported, registered or validated; ``.plugin`` names it."""
+
+    def __init__(self, message: str, *, plugin: str) -> None:
+        super().__init__(message)
+        self.plugin = plugin

@@ -1,0 +1,134 @@
+"""The plugin API of dispatchkit: every hook a plugin may implement.
+
+A plugin is any object (a module, or an instance of a class) whose methods
+are marked with :data:`hookimpl` and named after a hook below; every hook
+name starts with ``dispatchkit_``. Register plugins in code with
+``Dispatcher(plugins=[...])`` or through an entry point in the group
+``dispatchkit``. Built-in plugins are ``trylast``, so any installed plugin
+overrides a default whatever the registration order.
+
+Hooks come in three groups:
+
+* lifecycle: :func:`dispatchkit_configure`, :func:`dispatchkit_close`;
+* strategy factories, ``firstresult``, called once and cached per Dispatcher:
+  :func:`dispatchkit_transport`, :func:`dispatchkit_codec`,
+  :func:`dispatchkit_retry_policy`, :func:`dispatchkit_executor`;
+* per call: :func:`dispatchkit_prepare_request` (before each attempt) and
+  :func:`dispatchkit_call_done` (after each call).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import tenacity
+
+    from dispatchkit._dispatcher import Dispatcher
+    from dispatchkit._models import Codec, Outcome, Request, Transport
+
+PROJECT = "dispatchkit"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- lifecycle -----------------------------------------------------------------
+
+
+@hookspec
+def dispatchkit_configure(dispatcher: Dispatcher) -> None:
+    """Called once for every plugin when a Dispatcher is built.
+
+    Read ``dispatcher.settings`` here (plugin-specific settings through
+    ``dispatcher.settings.extra(name, default)``) and open what the plugin needs.
+
+    :param dispatcher: the Dispatcher being built.
+    """
+
+
+@hookspec
+def dispatchkit_close(dispatcher: Dispatcher) -> None:
+    """Called once for every plugin on ``Dispatcher.close()``; release resources.
+
+    :param dispatcher: the Dispatcher being closed.
+    """
+
+
+# -- strategies (firstresult, cached) --------------------------------------------
+
+
+@hookspec(firstresult=True)
+def dispatchkit_transport(scheme: str, dispatcher: Dispatcher) -> Transport | None:
+    """Return the :class:`~dispatchkit.Transport` for URLs of ``scheme``, or ``None``.
+
+    Called once per scheme per Dispatcher; the answer is cached. Stops at the
+    first non-``None`` result.
+
+    :param scheme: the URL scheme, lower-case (``"http"``, ``"https"``, ...).
+    :param dispatcher: the Dispatcher asking.
+    """
+
+
+@hookspec(firstresult=True)
+def dispatchkit_codec(media_type: str, dispatcher: Dispatcher) -> Codec | None:
+    """Return the :class:`~dispatchkit.Codec` for a response media type, or ``None``.
+
+    Called once per media type per Dispatcher; the answer (``None`` too) is
+    cached. Stops at the first non-``None`` result.
+
+    :param media_type: the response's Content-Type without parameters,
+        lower-case; ``""`` when the response has none.
+    :param dispatcher: the Dispatcher asking.
+    """
+
+
+@hookspec(firstresult=True)
+def dispatchkit_retry_policy(dispatcher: Dispatcher) -> tenacity.Retrying | None:
+    """Return the tenacity ``Retrying`` that decides whether an attempt is repeated.
+
+    Called once per Dispatcher. The policy's predicates see the exception of a
+    failed attempt, a :class:`~dispatchkit.DispatchError` whose ``.request``
+    is the call; ``reraise=True`` is expected. Stops at the first non-``None``
+    result.
+
+    :param dispatcher: the Dispatcher asking.
+    """
+
+
+@hookspec(firstresult=True)
+def dispatchkit_executor(dispatcher: Dispatcher) -> Any:
+    """Return what runs asynchronous calls (``Dispatcher.submit``), or ``None``.
+
+    Called once, at the first ``submit()``. Stops at the first non-``None`` result.
+
+    :param dispatcher: the Dispatcher asking.
+    """
+
+
+# -- per call --------------------------------------------------------------------
+
+
+@hookspec
+def dispatchkit_prepare_request(request: Request) -> None:
+    """Called before **each** attempt of a call: edit ``request.headers`` in place.
+
+    For authentication, signing and tracing. ``request.attempt`` counts from 1;
+    the ``Idempotency-Key`` header is already set and stays the same on every
+    attempt. Raising a :class:`~dispatchkit.DispatchError` fails the call.
+
+    :param request: the call about to be sent.
+    """
+
+
+@hookspec
+def dispatchkit_call_done(request: Request, outcome: Outcome) -> None:
+    """Called after every call, successful or not: observe result, error and timing.
+
+    For logging and metrics; an exception raised here is logged, not raised.
+
+    :param request: the call as last sent.
+    :param outcome: ``outcome.retval`` or ``outcome.error``, and ``outcome.duration``.
+    """
