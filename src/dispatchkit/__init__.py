@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Codec, Envelope, Outcome, PluginInfo, Request, Response, Transport
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import (
@@ -16,6 +17,7 @@ from dispatchkit.exceptions import (
     ResponseTooLargeError,
     TransportError,
     UnknownStatusError,
+    UsageError,
 )
 from dispatchkit.hookspecs import hookimpl
 
@@ -24,6 +26,7 @@ __all__ = [
     "ConnectError",
     "DispatchError",
     "DispatchTimeout",
+    "Dispatcher",
     "EncodeError",
     "Envelope",
     "HTTPStatusError",
@@ -38,6 +41,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "UnknownStatusError",
+    "UsageError",
     "__version__",
     "hookimpl",
 ]

@@ -31,9 +31,7 @@ def mask_url(url: str) -> str:
     query = parts.query
     if query and _SECRET_KEY.search(query):
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, MASK if _SECRET_KEY.search(k) else v) for k, v in pairs], safe="*"
-        )
+        query = urlencode([(k, MASK if _SECRET_KEY.search(k) else v) for k, v in pairs], safe="*")
     if netloc == parts.netloc and query == parts.query:
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

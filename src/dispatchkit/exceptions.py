@@ -3,6 +3,7 @@
 ::
 
     DispatchError
+    ├── UsageError                (a bad setting, method or URL; also a ValueError)
     ├── EncodeError               (an argument cannot be encoded; also a TypeError)
     ├── TransportError            (nothing usable came back)
     │   ├── ConnectError          (also a builtin ConnectionError)
@@ -42,6 +43,7 @@ __all__ = [
     "ResponseTooLargeError",
     "TransportError",
     "UnknownStatusError",
+    "UsageError",
 ]
 
 EXCERPT_BYTES = 200
@@ -100,6 +102,10 @@ def _rebuild(cls: type[DispatchError], state: dict[str, Any]) -> DispatchError:
     Exception.__init__(error, state.get("message", ""))
     error.__dict__.update(state)
     return error
+
+
+class UsageError(DispatchError, ValueError):
+    """A setting, method or URL is wrong; nothing was sent."""
 
 
 class EncodeError(DispatchError, TypeError):

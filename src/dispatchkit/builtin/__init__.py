@@ -1,0 +1,10 @@
+"""Built-in plugins: each module holds a ``Plugin`` class whose hooks are ``trylast``.
+
+An installed plugin therefore overrides a default whatever the registration
+order, and ``Dispatcher(disable=["retry"])`` turns a default off by name.
+"""
+
+from __future__ import annotations
+
+#: Names of the built-in plugin modules, in registration order.
+DEFAULT_PLUGINS: tuple[str, ...] = ("transport", "codec", "retry")

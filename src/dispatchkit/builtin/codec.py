@@ -51,7 +51,7 @@ def handles(media_type: str) -> bool:
     )
 
 
-class CodecPlugin:
+class Plugin:
     name = "codec"
 
     def __init__(self) -> None:

@@ -1,0 +1,310 @@
+"""The Dispatcher: one call, top to bottom, over strategies resolved once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import tenacity
+
+from dispatchkit._encoding import (
+    FORM,
+    JSON,
+    QUERY_METHODS,
+    form_body,
+    form_pairs,
+    json_body,
+    merge_query,
+    normalize_method,
+)
+from dispatchkit._models import FAILURE, SUCCESS, Codec, Outcome, PluginInfo, Request, Response
+from dispatchkit._plugins import build_manager
+from dispatchkit._settings import Settings
+from dispatchkit.exceptions import (
+    DispatchError,
+    HTTPStatusError,
+    InvalidResponseError,
+    RemoteExecuteError,
+    UnknownStatusError,
+    UsageError,
+    excerpt,
+)
+
+log = logging.getLogger("dispatchkit")
+
+#: Media types are chosen by servers; past this many, codecs are resolved without caching.
+_CODEC_CACHE_MAX = 64
+_EMPTY: Mapping[str, Any] = {}
+
+
+class Dispatcher:
+    """Calls HTTP callback tasks through a pipeline of plugins.
+
+    ``Dispatcher(**settings)`` takes the settings of :class:`~dispatchkit._settings.Settings`
+    (``timeout``, ``pool_maxsize``, ``max_response_bytes``, TLS, retry limits, ...)
+    and any setting a plugin reads. ``plugins`` are registered after the
+    built-ins and the entry-point plugins; ``disable`` names plugins to leave
+    out. A Dispatcher is safe to share between threads; close it (or use it as
+    a context manager) to release its connections.
+    """
+
+    def __init__(
+        self,
+        *,
+        plugins: Iterable[object] = (),
+        disable: Iterable[str] = (),
+        **settings: Any,
+    ) -> None:
+        self.settings = Settings.from_kwargs(settings)
+        self._pm, self._infos = build_manager(plugins, disable)
+        hook = self._pm.hook
+        self._closed = False
+        self._lock = threading.Lock()
+        self._transports: dict[str, Any] = {}
+        self._codecs: dict[str, Codec | None] = {}
+        self._headers = {"User-Agent": self.settings.user_agent, "Accept": JSON}
+        hook.dispatchkit_configure(dispatcher=self)
+        unknown = self.settings.unread_extras()
+        if unknown:
+            self.close()
+            raise UsageError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}: no plugin reads them"
+            )
+        retrying = hook.dispatchkit_retry_policy(dispatcher=self)
+        if retrying is not None and not isinstance(retrying, tenacity.Retrying):
+            self.close()
+            raise UsageError(
+                f"dispatchkit_retry_policy returned {retrying!r}, not a tenacity.Retrying"
+            )
+        self._retrying: tenacity.Retrying | None = retrying
+        # Only the per-call hooks someone implements are called: pluggy stays off the hot path.
+        self._prepare = (
+            hook.dispatchkit_prepare_request
+            if self._implemented("dispatchkit_prepare_request")
+            else None
+        )
+        self._done = (
+            hook.dispatchkit_call_done if self._implemented("dispatchkit_call_done") else None
+        )
+
+    def _implemented(self, name: str) -> bool:
+        return bool(getattr(self._pm.hook, name).get_hookimpls())
+
+    # -- public API ---------------------------------------------------------------
+
+    def call(self, url: str, /, method: str = "GET", **kwargs: Any) -> Any:
+        """Call the task at ``url`` with ``kwargs`` and return its ``retval``.
+
+        Raises :class:`~dispatchkit.RemoteExecuteError` when the task reports
+        failure, and another :class:`~dispatchkit.DispatchError` when the
+        call itself fails. For per-call options use :meth:`apply`.
+        """
+        return self._run(self._build(url, method, kwargs, None, None, None, False))
+
+    def apply(
+        self,
+        url: str,
+        method: str = "GET",
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        task_id: str | None = None,
+        json: bool = False,
+    ) -> Any:
+        """Like :meth:`call`, with the task's arguments as a mapping and options beside them.
+
+        Because the arguments are one mapping, an option can never collide
+        with a task argument. ``timeout`` overrides the setting for this call,
+        ``headers`` are added to the request, ``task_id`` is sent as the
+        ``Idempotency-Key`` (a uuid4 hex by default), ``json=True`` sends the
+        arguments as one JSON object (POST, PUT, PATCH) instead of a form.
+        """
+        return self._run(
+            self._build(url, method, kwargs or _EMPTY, timeout, headers, task_id, json)
+        )
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        """Every registered plugin: name, distribution, version and the hooks it implements."""
+        return list(self._infos)
+
+    def close(self) -> None:
+        """Release every resource (connections, executors); safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pm.hook.dispatchkit_close(dispatcher=self)
+
+    def __enter__(self) -> Dispatcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        names = ", ".join(info.name for info in self._infos)
+        return f"<Dispatcher plugins=[{names}]{' closed' if self._closed else ''}>"
+
+    # -- the pipeline ---------------------------------------------------------------
+
+    def _build(
+        self,
+        url: str,
+        method: str,
+        kwargs: Mapping[str, Any],
+        timeout: float | None,
+        headers: Mapping[str, str] | None,
+        task_id: str | None,
+        json: bool,
+    ) -> Request:
+        if not isinstance(url, str):
+            raise UsageError(f"url must be a str, got {type(url).__name__}")
+        method = normalize_method(method)
+        request_headers = dict(self._headers)
+        if headers:
+            request_headers.update(headers)
+        body: bytes | None = None
+        if method in QUERY_METHODS:
+            if json:
+                raise UsageError(f"json=True needs a method with a body, not {method}")
+            url = merge_query(url, form_pairs(kwargs))
+        elif json:
+            body = json_body(kwargs)
+            request_headers["Content-Type"] = JSON
+        else:
+            body = form_body(form_pairs(kwargs))
+            request_headers["Content-Type"] = FORM
+        task_id = task_id or uuid.uuid4().hex
+        request_headers["Idempotency-Key"] = task_id
+        if timeout is None:
+            timeout = self.settings.timeout
+        elif not timeout > 0:
+            raise UsageError(f"timeout must be positive, got {timeout!r}")
+        return Request(method, url, kwargs, request_headers, body, task_id, timeout)
+
+    def _run(self, request: Request) -> Any:
+        if self._closed:
+            raise UsageError("this Dispatcher is closed", request=request)
+        started = time.perf_counter()
+        try:
+            transport = self._transport_for(request)
+            try:
+                response = self._attempt(request, transport)
+            except DispatchError as first:
+                # The first attempt runs outside tenacity, which costs more than
+                # the rest of the pipeline; the policy takes over from a failure.
+                if self._retrying is None:
+                    raise
+                response = self._retrying(self._retry, request, transport, first)
+            retval = self._decode(request, response)
+        except DispatchError as exc:
+            exc.bind(request)
+            if self._done is not None:
+                self._report(
+                    request, Outcome(None, exc, time.perf_counter() - started, request.attempt)
+                )
+            raise
+        if self._done is not None:
+            self._report(
+                request, Outcome(retval, None, time.perf_counter() - started, request.attempt)
+            )
+        return retval
+
+    def _attempt(self, request: Request, transport: Any) -> Response:
+        request.attempt += 1
+        if self._prepare is not None:
+            self._prepare(request=request)
+        response: Response = transport.send(request)
+        if 200 <= response.status < 300:
+            return response
+        raise self._status_error(request, response)
+
+    def _retry(self, request: Request, transport: Any, first: DispatchError) -> Response:
+        if request.attempt == 1:
+            raise first  # show tenacity the failed first attempt: its policy decides on it
+        return self._attempt(request, transport)
+
+    def _decode(self, request: Request, response: Response) -> Any:
+        envelope = self._codec_for(request, response).decode(response)
+        if envelope.status == SUCCESS:
+            return envelope.retval
+        if envelope.status == FAILURE:
+            raise RemoteExecuteError(envelope.reason or "", status=response.status, request=request)
+        raise UnknownStatusError(
+            f"unknown envelope status {envelope.status!r}", body=response.body, request=request
+        )
+
+    def _status_error(self, request: Request, response: Response) -> DispatchError:
+        """A non-2xx answer: the task's failure when it sent an envelope, else the status."""
+        try:
+            envelope = self._codec_for(request, response).decode(response)
+        except DispatchError:
+            envelope = None
+        if envelope is not None and envelope.status == FAILURE:
+            return RemoteExecuteError(
+                envelope.reason or "", status=response.status, request=request
+            )
+        status = response.status
+        message = f"HTTP {status}"
+        if 300 <= status < 400:
+            location = response.header("location")
+            message += f" redirect to {location!r} (redirects are not followed)"
+        elif response.body:
+            message += f": {excerpt(response.body)}"
+        return HTTPStatusError(
+            message, status=status, headers=response.headers, body=response.body, request=request
+        )
+
+    # -- strategies, resolved once ------------------------------------------------
+
+    def _transport_for(self, request: Request) -> Any:
+        scheme = request.url.partition(":")[0].lower() if "://" in request.url else ""
+        transport = self._transports.get(scheme)
+        if transport is not None:
+            return transport
+        if not scheme:
+            raise UsageError(f"URL has no scheme: {request.url!r}", request=request)
+        with self._lock:
+            transport = self._transports.get(scheme)
+            if transport is None:
+                transport = self._pm.hook.dispatchkit_transport(scheme=scheme, dispatcher=self)
+                if transport is None:
+                    raise UsageError(f"no transport for scheme {scheme!r}", request=request)
+                self._transports[scheme] = transport
+        return transport
+
+    def _codec_for(self, request: Request, response: Response) -> Codec:
+        media_type = response.media_type
+        try:
+            codec = self._codecs[media_type]
+        except KeyError:
+            codec = self._pm.hook.dispatchkit_codec(media_type=media_type, dispatcher=self)
+            if len(self._codecs) < _CODEC_CACHE_MAX:
+                self._codecs[media_type] = codec
+        if codec is None:
+            raise InvalidResponseError(
+                f"no codec for content type {media_type!r}: {excerpt(response.body)}",
+                body=response.body,
+                status=response.status,
+                request=request,
+            )
+        return codec
+
+    def _report(self, request: Request, outcome: Outcome) -> None:
+        assert self._done is not None
+        try:
+            self._done(request=request, outcome=outcome)
+        except Exception:
+            log.exception("a dispatchkit_call_done hook failed for task %s", request.task_id)

@@ -1,0 +1,94 @@
+"""Encoding a task's keyword arguments for the wire (DESIGN §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+
+from dispatchkit.exceptions import EncodeError, UsageError
+
+#: Methods whose arguments travel in the query string; the others send a body.
+QUERY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+METHODS = QUERY_METHODS | BODY_METHODS
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+
+Pairs = list[tuple[str, str]]
+
+
+def normalize_method(method: object) -> str:
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise UsageError(
+            f"unsupported HTTP method {method!r}; use one of {', '.join(sorted(METHODS))}"
+        )
+    return method.upper()
+
+
+def _scalar(name: str, value: object) -> str:
+    # bool first: it is an int too, and the protocol spells it true/false.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)
+    raise EncodeError(
+        f"argument {name!r}: a {type(value).__name__} cannot be form-encoded; "
+        "pass str, int, float, bool or a list of them (or send a JSON body)",
+        argument=name,
+    )
+
+
+def form_pairs(kwargs: Mapping[str, Any]) -> Pairs:
+    """Flatten arguments into ``(key, value)`` pairs; lists become repeated keys.
+
+    ``None`` leaves the argument out, as requests does with ``params``.
+    """
+    pairs: Pairs = []
+    for name, value in kwargs.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            pairs.extend((name, _scalar(name, item)) for item in value)
+        else:
+            pairs.append((name, _scalar(name, value)))
+    return pairs
+
+
+def merge_query(url: str, pairs: Pairs) -> str:
+    """Add ``pairs`` to the query of ``url``; a keyword replaces a same-named query argument."""
+    if not pairs:
+        return url
+    parts = urlsplit(url)
+    if parts.query:
+        names = {name for name, _ in pairs}
+        kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
+        pairs = kept + pairs
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(pairs), parts.fragment))
+
+
+def form_body(pairs: Pairs) -> bytes:
+    return urlencode(pairs).encode("ascii")
+
+
+def json_body(kwargs: Mapping[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(kwargs, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        name = next((k for k, v in kwargs.items() if not _json_ok(v)), "?")
+        raise EncodeError(
+            f"argument {name!r} cannot be JSON-encoded: {exc}", argument=name
+        ) from exc
+
+
+def _json_ok(value: object) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,85 @@
+"""The settings of a Dispatcher: one frozen, validated value."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from dispatchkit._version import __version__
+from dispatchkit.exceptions import UsageError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of a Dispatcher; ``Dispatcher(**settings)`` fills it.
+
+    Settings a plugin understands (``celery_broker=...``) are kept in
+    :meth:`extra`; one that no plugin reads during configuration is an error,
+    so a misspelt name never passes silently.
+    """
+
+    #: Seconds allowed to connect, to wait for a pooled connection, and between bytes read.
+    timeout: float = 10.0
+    #: Keep-alive connections kept per host; also the most opened at once per host.
+    pool_maxsize: int = 10
+    #: Hosts whose pools are kept; the least recently used pool beyond that is closed.
+    max_pools: int = 64
+    #: Largest response body accepted, in bytes.
+    max_response_bytes: int = 16 * MiB
+    #: Verify TLS certificates (against ``ca_certs`` when given, else the system store).
+    verify: bool = True
+    ca_certs: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    #: Attempts per call, the first included; 1 turns retrying off.
+    retry_attempts: int = 3
+    #: Seconds a call may spend retrying, waits included; no retry starts past it.
+    retry_max_time: float = 30.0
+    #: First backoff in seconds; it doubles per attempt, with jitter.
+    retry_backoff: float = 0.1
+    #: Longest ``Retry-After`` honoured, in seconds.
+    retry_after_cap: float = 10.0
+    user_agent: str = f"dispatchkit/{__version__}"
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    _read: set[str] = field(default_factory=set, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "retry_max_time", "retry_after_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"setting {name!r} must be a number of seconds, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"setting {name!r} must be positive and finite, got {value!r}")
+        if isinstance(self.retry_backoff, bool) or not (
+            isinstance(self.retry_backoff, (int, float)) and 0 <= self.retry_backoff < math.inf
+        ):
+            raise UsageError(f"setting 'retry_backoff' must be >= 0, got {self.retry_backoff!r}")
+        for name in ("pool_maxsize", "max_pools", "max_response_bytes", "retry_attempts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"setting {name!r} must be a positive int, got {value!r}")
+        if self.client_key is not None and self.client_cert is None:
+            raise UsageError("setting 'client_key' needs 'client_cert'")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Settings:
+        known = {f.name for f in fields(cls) if not f.name.startswith("_") and f.name != "extras"}
+        core = {k: v for k, v in kwargs.items() if k in known}
+        extras = {k: v for k, v in kwargs.items() if k not in known}
+        return cls(**core, extras=extras)
+
+    def extra(self, name: str, default: Any = None) -> Any:
+        """Return the plugin setting ``name`` (or ``default``) and mark it as understood."""
+        with self._lock:
+            self._read.add(name)
+        return self.extras.get(name, default)
+
+    def unread_extras(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self.extras) - self._read)

@@ -1,0 +1,251 @@
+"""Built-in transport: urllib3 connection pools, one set per Dispatcher.
+
+Pools are kept per origin in a least-recently-used map of at most
+``max_pools`` (the request path skips PoolManager's per-request URL parsing
+and key building, which cost more than the rest of our pipeline). Keep-alive
+pooling per host, http and https (certificates verified unless
+``verify=False``), redirects never followed, bodies read in chunks and
+refused past ``max_response_bytes`` without being held in memory. Every
+urllib3 error is translated here, once, into the dispatchkit hierarchy.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import unquote
+
+import urllib3
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    EmptyPoolError,
+    HTTPError,
+    LocationValueError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util import make_headers, parse_url
+
+from dispatchkit._models import Request, Response
+from dispatchkit._urls import mask_url
+from dispatchkit.exceptions import (
+    ConnectError,
+    DispatchTimeout,
+    ResponseTooLargeError,
+    TransportError,
+    UsageError,
+)
+from dispatchkit.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from urllib3.response import BaseHTTPResponse
+
+    from dispatchkit._dispatcher import Dispatcher
+    from dispatchkit._settings import Settings
+
+CHUNK = 64 * 1024
+# scheme://authority, then the request target; a fragment is never sent.
+_ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)([^#]*)")
+SCHEMES = ("http", "https")
+
+
+class PoolTransport:
+    """Sends requests over pooled keep-alive connections."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._limit = settings.max_response_bytes
+        self._timeout = settings.timeout
+        self._default_timeout = urllib3.Timeout(connect=settings.timeout, read=settings.timeout)
+        self._max_pools = settings.max_pools
+        self._pool_kw: dict[str, Any] = {
+            "maxsize": settings.pool_maxsize,
+            # Blocking keeps at most pool_maxsize connections per host: a thread
+            # waits (up to the timeout) instead of opening one the pool would discard.
+            "block": True,
+            "retries": False,
+            "timeout": self._default_timeout,
+        }
+        self._tls_kw: dict[str, Any] = {
+            "cert_reqs": ssl.CERT_REQUIRED if settings.verify else ssl.CERT_NONE,
+            "ca_certs": settings.ca_certs,
+            "cert_file": settings.client_cert,
+            "key_file": settings.client_key,
+        }
+        # origin ("https://user:pw@host:port") -> (pool, Authorization header or None), LRU order.
+        self._pools: OrderedDict[str, tuple[HTTPConnectionPool, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, request: Request) -> Response:
+        match = _ORIGIN.match(request.url)
+        if match is None:
+            raise UsageError(f"invalid URL {mask_url(request.url)!r}", request=request)
+        origin, target = match.group(1, 2)
+        pool, auth = self._pool_for(origin, request)
+        headers = request.headers
+        if auth is not None and "Authorization" not in headers:
+            headers = {**headers, "Authorization": auth}
+        timeout = request.timeout
+        try:
+            raw = pool.urlopen(
+                request.method,
+                target if target.startswith("/") else "/" + target,
+                body=request.body,
+                headers=headers,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                timeout=(
+                    self._default_timeout
+                    if timeout == self._timeout
+                    else urllib3.Timeout(connect=timeout, read=timeout)
+                ),
+                pool_timeout=timeout,  # type: ignore[arg-type]  # a float works: Queue.get
+                preload_content=False,
+                release_conn=False,
+            )
+        except HTTPError as exc:
+            _translate(exc, request)
+        return Response(raw.status, raw.headers, self._read(raw, request))
+
+    def _pool_for(self, origin: str, request: Request) -> tuple[HTTPConnectionPool, str | None]:
+        with self._lock:
+            entry = self._pools.get(origin)
+            if entry is not None:
+                self._pools.move_to_end(origin)
+                return entry
+            if self._closed:
+                raise UsageError("the transport is closed", request=request)
+            entry = self._new_pool(origin, request)
+            self._pools[origin] = entry
+            if len(self._pools) > self._max_pools:
+                _, (evicted, _) = self._pools.popitem(last=False)
+                # Connections in use are closed when they come back to a closed pool.
+                evicted.close()
+            return entry
+
+    def _new_pool(self, origin: str, request: Request) -> tuple[HTTPConnectionPool, str | None]:
+        try:
+            url = parse_url(origin)
+        except LocationValueError as exc:
+            raise UsageError(f"invalid URL: {exc}", request=request) from exc
+        if not url.host:
+            raise UsageError(f"URL has no host: {mask_url(request.url)!r}", request=request)
+        auth = None
+        if url.auth is not None:
+            auth = make_headers(basic_auth=unquote(url.auth))["authorization"]
+        if url.scheme == "https":
+            pool: HTTPConnectionPool = HTTPSConnectionPool(
+                url.host, url.port, **self._pool_kw, **self._tls_kw
+            )
+        else:
+            pool = HTTPConnectionPool(url.host, url.port, **self._pool_kw)
+        return pool, auth
+
+    def _read(self, raw: BaseHTTPResponse, request: Request) -> bytes:
+        limit = self._limit
+        try:
+            length = raw.length_remaining
+            if length is not None and length > limit:
+                raise ResponseTooLargeError(
+                    f"response body of {length} bytes exceeds max_response_bytes={limit}",
+                    limit=limit,
+                    status=raw.status,
+                    request=request,
+                )
+            if length is not None and "content-encoding" not in raw.headers:
+                body = raw.read()
+            else:
+                body = self._read_chunks(raw, request)
+        except HTTPError as exc:
+            raw.close()
+            _translate(exc, request)
+        except BaseException:
+            raw.close()  # unread bytes make the connection unusable: drop it
+            raise
+        finally:
+            raw.release_conn()
+        return body
+
+    def _read_chunks(self, raw: BaseHTTPResponse, request: Request) -> bytes:
+        limit = self._limit
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := raw.read(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ResponseTooLargeError(
+                    f"response body exceeds max_response_bytes={limit}",
+                    limit=limit,
+                    status=raw.status,
+                    request=request,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pools = [pool for pool, _ in self._pools.values()]
+            self._pools.clear()
+        for pool in pools:
+            pool.close()
+
+
+def _translate(exc: HTTPError, request: Request) -> NoReturn:
+    """Raise the dispatchkit error for a urllib3 error."""
+    # NewConnectionError subclasses ConnectTimeoutError: test it first, or a
+    # refused port would pass for a timeout.
+    if isinstance(exc, NewConnectionError):
+        raise ConnectError(f"cannot connect: {_reason(exc)}", request=request) from exc
+    if isinstance(exc, ConnectTimeoutError):
+        raise DispatchTimeout(
+            f"connect timed out after {request.timeout}s", request=request
+        ) from exc
+    if isinstance(exc, ReadTimeoutError):
+        raise DispatchTimeout(f"read timed out after {request.timeout}s", request=request) from exc
+    if isinstance(exc, EmptyPoolError):
+        raise DispatchTimeout(
+            f"no pooled connection became free within {request.timeout}s", request=request
+        ) from exc
+    if isinstance(exc, SSLError):
+        raise TransportError(
+            f"TLS failed: {_reason(exc)}", request=request, transient=False
+        ) from exc
+    if isinstance(exc, ProtocolError):
+        raise TransportError(f"connection broken: {_reason(exc)}", request=request) from exc
+    raise TransportError(f"{type(exc).__name__}: {exc}", request=request) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    # urllib3 wraps the OSError that says what happened; show that, not the wrapper's repr.
+    inner = exc.args[-1] if exc.args and isinstance(exc.args[-1], BaseException) else exc
+    return f"{type(inner).__name__}: {inner}"
+
+
+class Plugin:
+    """Gives every Dispatcher one :class:`PoolTransport` for http and https."""
+
+    name = "transport"
+
+    def __init__(self) -> None:
+        self._transport: PoolTransport | None = None
+
+    @hookimpl(trylast=True)
+    def dispatchkit_transport(self, scheme: str, dispatcher: Dispatcher) -> PoolTransport | None:
+        if scheme not in SCHEMES:
+            return None
+        if self._transport is None:
+            self._transport = PoolTransport(dispatcher.settings)
+        return self._transport
+
+    @hookimpl(trylast=True)
+    def dispatchkit_close(self, dispatcher: Dispatcher) -> None:
+        if self._transport is not None:
+            self._transport.close()
