@@ -14,6 +14,7 @@ import pluggy
 
 from dispatchkit import hookspecs
 from dispatchkit._models import PluginInfo
+from dispatchkit._version import __version__
 from dispatchkit.builtin import DEFAULT_PLUGINS
 from dispatchkit.exceptions import PluginLoadError
 
@@ -32,6 +33,14 @@ def discover() -> tuple[EntryPoint, ...]:
         if _discovered is None:
             _discovered = tuple(sorted(entry_points(group=ENTRY_POINT_GROUP), key=_ep_key))
         return _discovered
+
+
+def forget_discovery() -> None:
+    """Drop the cached entry points and loaded plugins (for tests that install some)."""
+    global _discovered
+    with _lock:
+        _discovered = None
+        _loaded.clear()
 
 
 def _ep_key(ep: EntryPoint) -> tuple[str, str]:
@@ -108,7 +117,13 @@ def build_manager(
 
     for module_name in DEFAULT_PLUGINS:
         module = importlib.import_module(f"dispatchkit.builtin.{module_name}")
-        register(module_name, module.Plugin(), builtin=True, distribution="dispatchkit")
+        register(
+            module_name,
+            module.Plugin(),
+            builtin=True,
+            distribution="dispatchkit",
+            version=__version__,
+        )
     if not os.environ.get(AUTOLOAD_ENV):
         for ep in discover():
             if ep.name in blocked:

@@ -1,0 +1,280 @@
+"""TaskApp: a WSGI application that serves Python functions as callback tasks."""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+from urllib.parse import parse_qsl
+
+import orjson
+
+from dispatchkit._models import Codec, Envelope
+from dispatchkit.server._convert import ArgumentError, FormValues, TaskSpec
+from dispatchkit.server._serve import TaskServer
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+__all__ = ["TaskApp"]
+
+logger = logging.getLogger("dispatchkit.server")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NAME = re.compile(r"[A-Za-z0-9._~-]+")
+_TASK_METHODS = ("GET", "HEAD", "POST")
+_INDEX_METHODS = ("GET", "HEAD")
+_FORM = "application/x-www-form-urlencoded"
+_JSON = "application/json"
+# a bound on keys per query string or form body, so parsing cannot be made to run away
+_MAX_FIELDS = 1000
+
+
+class _Failure(Exception):
+    """Answer ``status`` with a failure envelope carrying ``reason``."""
+
+    def __init__(
+        self, status: HTTPStatus, reason: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class TaskApp:
+    """A WSGI application serving each registered function at ``/<name>``.
+
+    ``GET`` takes the arguments from the query string; ``POST`` from a
+    form-encoded or JSON body, with the query string merged underneath (the
+    body wins); ``HEAD`` runs the task like ``GET`` and sends no body. Every
+    answer, success or not, is an envelope encoded by ``codec`` (the JSON
+    codec by default) with Content-Type and Content-Length. ``GET /`` answers
+    a success envelope whose ``retval`` is the sorted list of task names.
+    """
+
+    def __init__(self, codec: Codec | None = None, *, max_body_bytes: int = 1 << 20) -> None:
+        if max_body_bytes < 0:
+            raise ValueError("max_body_bytes must not be negative")
+        if codec is None:
+            from dispatchkit.builtin.codec import JSONCodec
+
+            codec = JSONCodec()
+        self.codec = codec
+        self.max_body_bytes = max_body_bytes
+        self._specs: dict[str, TaskSpec] = {}
+        self._funcs: dict[str, Callable[..., Any]] = {}
+        self._tasks_view = types.MappingProxyType(self._funcs)
+
+    @property
+    def tasks(self) -> Mapping[str, Callable[..., Any]]:
+        """The registered tasks, name to function; a read-only, live view."""
+        return self._tasks_view
+
+    @overload
+    def task(self, func: F, /) -> F: ...
+
+    @overload
+    def task(self, func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def task(
+        self, func: F | None = None, /, *, name: str | None = None
+    ) -> F | Callable[[F], F]:
+        """Register ``func`` as a task, as ``@app.task`` or ``@app.task(name=...)``.
+
+        The name defaults to the function's ``__name__`` and must match
+        ``[A-Za-z0-9._~-]+`` (it is a URL path segment). The function is
+        returned unchanged. Raises :class:`ValueError` for a bad or taken name
+        and :class:`TypeError` for a signature that cannot be served (an
+        unsupported annotation, a positional-only parameter, an async function).
+        """
+
+        def register(target: F) -> F:
+            task_name = name if name is not None else getattr(target, "__name__", "")
+            if not _NAME.fullmatch(task_name):
+                raise ValueError(
+                    f"task name {task_name!r} is not a URL-safe path segment; pass name=..."
+                )
+            if task_name in self._specs:
+                raise ValueError(f"a task named {task_name!r} is already registered")
+            self._specs[task_name] = TaskSpec(task_name, target)
+            self._funcs[task_name] = target
+            return target
+
+        return register if func is None else register(func)
+
+    def server(
+        self, host: str = "127.0.0.1", port: int = 0, *, idle_timeout: float = 30.0
+    ) -> TaskServer:
+        """A :class:`TaskServer` for this app, not yet started; ``with`` starts it."""
+        return TaskServer(self, host=host, port=port, idle_timeout=idle_timeout)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = 30.0) -> None:
+        """Serve until interrupted (Ctrl-C), on the keep-alive threaded server."""
+        server = self.server(host=host, port=port, idle_timeout=idle_timeout).listen()
+        print(f"Serving {len(self._specs)} tasks on {server.url}/", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        """The WSGI entry point."""
+        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+        headers: list[tuple[str, str]] = []
+        try:
+            status, envelope = HTTPStatus.OK, self._dispatch(method, environ)
+        except _Failure as failure:
+            status, envelope = failure.status, Envelope.failure(failure.reason)
+            headers = failure.headers
+        body = self._encode(status, envelope)
+        if isinstance(body, _Failure):
+            status, body = body.status, self.codec.encode(Envelope.failure(body.reason))
+        headers += [("Content-Type", self.codec.media_type), ("Content-Length", str(len(body)))]
+        start_response(f"{status.value} {status.phrase}", headers)
+        return [b""] if method == "HEAD" else [body]
+
+    def _encode(self, status: HTTPStatus, envelope: Envelope) -> bytes | _Failure:
+        try:
+            return self.codec.encode(envelope)
+        except Exception as exc:
+            logger.exception("cannot encode the answer (%s)", status.value)
+            return _Failure(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"cannot encode the return value: {type(exc).__name__}: {exc}",
+            )
+
+    def _dispatch(self, method: str, environ: WSGIEnvironment) -> Envelope:
+        path = str(environ.get("PATH_INFO", ""))
+        if path in ("", "/"):
+            _allow(method, _INDEX_METHODS)
+            return Envelope.success(sorted(self._specs))
+        spec = self._specs.get(path[1:]) if path.startswith("/") else None
+        if spec is None:
+            raise _Failure(HTTPStatus.NOT_FOUND, f"unknown task {_shown_path(path)}")
+        _allow(method, _TASK_METHODS)
+        received: dict[str, object] = dict(_query_arguments(environ))
+        if method == "POST":
+            received.update(self._body_arguments(environ))
+        try:
+            kwargs = spec.bind(received)
+        except ArgumentError as exc:
+            raise _Failure(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        try:
+            retval = spec.func(**kwargs)
+        except Exception as exc:
+            logger.exception("task %r failed", spec.name)
+            raise _Failure(
+                HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}"
+            ) from None
+        return Envelope.success(retval)
+
+    def _body_arguments(self, environ: WSGIEnvironment) -> Mapping[str, object]:
+        body = self._read_body(environ)
+        if not body:
+            return {}
+        content_type = str(environ.get("CONTENT_TYPE", ""))
+        media_type = content_type.partition(";")[0].strip().lower()
+        if media_type == _JSON or media_type.endswith("+json"):
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise _Failure(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc.msg}") from None
+            if not isinstance(obj, dict):
+                raise _Failure(HTTPStatus.BAD_REQUEST, "the JSON body must be an object")
+            return obj
+        if media_type in (_FORM, ""):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Failure(HTTPStatus.BAD_REQUEST, "the form body is not UTF-8") from None
+            return _parse_form(text, "form body")
+        raise _Failure(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"unsupported Content-Type {content_type[:100]!r}; send {_FORM} or {_JSON}",
+        )
+
+    def _read_body(self, environ: WSGIEnvironment) -> bytes:
+        limit = self.max_body_bytes
+        too_large = _Failure(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body exceeds {limit} bytes"
+        )
+        stream = environ["wsgi.input"]
+        length_text = str(environ.get("CONTENT_LENGTH") or "").strip()
+        if length_text:
+            if not length_text.isdigit():
+                raise _Failure(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {length_text!r}")
+            length = int(length_text)
+            if length > limit:
+                raise too_large
+            body: bytes = stream.read(length)
+            if len(body) < length:
+                raise _Failure(HTTPStatus.BAD_REQUEST, "request body shorter than Content-Length")
+            return body
+        if not environ.get("wsgi.input_terminated"):
+            return b""  # no length and a stream that may never end: there is no body
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = stream.read(limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise too_large
+        return b"".join(chunks)
+
+
+def _allow(method: str, allowed: tuple[str, ...]) -> None:
+    if method not in allowed:
+        raise _Failure(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            f"method {method[:20]!r} not allowed",
+            [("Allow", ", ".join(allowed))],
+        )
+
+
+def _shown_path(path: str) -> str:
+    # PEP 3333 hands the path over as latin-1; show what the client meant
+    try:
+        text = path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        text = path
+    text = text.lstrip("/")
+    return repr(text if len(text) <= 100 else text[:100] + "...")
+
+
+def _query_arguments(environ: WSGIEnvironment) -> Mapping[str, object]:
+    query = str(environ.get("QUERY_STRING", ""))
+    if not query:
+        return {}
+    try:
+        # raw bytes of the URL arrive as latin-1 characters (PEP 3333); they are UTF-8
+        query = query.encode("latin-1").decode("utf-8")
+    except UnicodeEncodeError:
+        pass  # a server that already decoded it
+    except UnicodeDecodeError:
+        raise _Failure(HTTPStatus.BAD_REQUEST, "the query string is not UTF-8") from None
+    return _parse_form(query, "query string")
+
+
+def _parse_form(text: str, what: str) -> dict[str, object]:
+    try:
+        pairs = parse_qsl(
+            text, keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS
+        )
+    except UnicodeDecodeError:
+        raise _Failure(HTTPStatus.BAD_REQUEST, f"the {what} is not UTF-8") from None
+    except ValueError:
+        raise _Failure(HTTPStatus.BAD_REQUEST, f"the {what} has too many fields") from None
+    received: dict[str, FormValues] = {}
+    for key, value in pairs:
+        received.setdefault(key, FormValues()).append(value)
+    return dict(received)
