@@ -207,7 +207,7 @@ class Dispatcher:
                 # the rest of the pipeline; the policy takes over from a failure.
                 if self._retrying is None:
                     raise
-                response = self._retrying(self._retry, request, transport, first)
+                response = self._retrying(self._retry, request, transport, [first])
             retval = self._decode(request, response)
         except DispatchError as exc:
             exc.bind(request)
@@ -231,9 +231,9 @@ class Dispatcher:
             return response
         raise self._status_error(request, response)
 
-    def _retry(self, request: Request, transport: Any, first: DispatchError) -> Response:
-        if request.attempt == 1:
-            raise first  # show tenacity the failed first attempt: its policy decides on it
+    def _retry(self, request: Request, transport: Any, failed: list[DispatchError]) -> Response:
+        if failed:
+            raise failed.pop()  # show tenacity the failed first attempt: its policy decides on it
         return self._attempt(request, transport)
 
     def _decode(self, request: Request, response: Response) -> Any:

@@ -139,7 +139,11 @@ class DispatchTimeout(TransportError, TimeoutError):
 
 
 class HTTPStatusError(DispatchError):
-    """The server answered a non-2xx status without a failure envelope."""
+    """The server answered a non-2xx status without a failure envelope.
+
+    ``status``, ``headers`` (names lower-cased) and ``body_excerpt`` (at most 200 bytes)
+    say what came back.
+    """
 
     def __init__(
         self,
@@ -152,7 +156,7 @@ class HTTPStatusError(DispatchError):
     ) -> None:
         super().__init__(message, request=request)
         self.status = status
-        self.headers = dict(headers)
+        self.headers = {name.lower(): value for name, value in headers.items()}
         self.body_excerpt = body[:EXCERPT_BYTES]
 
 

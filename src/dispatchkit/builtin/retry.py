@@ -4,7 +4,7 @@
 * A timeout, a broken connection, and HTTP 429, 502, 503, 504 are retried
   only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE): a POST may
   have run already.
-* Waits back off exponentially with jitter; ``Retry-After`` (seconds or an
+* Waits back off exponentially with full jitter; ``Retry-After`` (seconds or an
   HTTP date) replaces the backoff, capped at ``retry_after_cap``.
 * Bounded by ``retry_attempts`` and by ``retry_max_time``: no attempt starts
   whose wait would end past it.
@@ -95,7 +95,7 @@ def default_policy(
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_before_delay(max_time),
         wait=wait_retry_after(
-            tenacity.wait_exponential_jitter(initial=backoff, max=max_time, jitter=backoff),
+            tenacity.wait_random_exponential(multiplier=backoff, max=max_time),
             retry_after_cap,
         ),
         retry=tenacity.retry_if_exception(is_retryable),

@@ -81,9 +81,7 @@ class TaskApp:
     @overload
     def task(self, func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
 
-    def task(
-        self, func: F | None = None, /, *, name: str | None = None
-    ) -> F | Callable[[F], F]:
+    def task(self, func: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
         """Register ``func`` as a task, as ``@app.task`` or ``@app.task(name=...)``.
 
         The name defaults to the function's ``__name__`` and must match
@@ -113,7 +111,9 @@ class TaskApp:
         """A :class:`TaskServer` for this app, not yet started; ``with`` starts it."""
         return TaskServer(self, host=host, port=port, idle_timeout=idle_timeout)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = 30.0) -> None:
+    def serve(
+        self, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = 30.0
+    ) -> None:
         """Serve until interrupted (Ctrl-C), on the keep-alive threaded server."""
         server = self.server(host=host, port=port, idle_timeout=idle_timeout).listen()
         print(f"Serving {len(self._specs)} tasks on {server.url}/", flush=True)
@@ -267,9 +267,7 @@ def _query_arguments(environ: WSGIEnvironment) -> Mapping[str, object]:
 
 def _parse_form(text: str, what: str) -> dict[str, object]:
     try:
-        pairs = parse_qsl(
-            text, keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS
-        )
+        pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS)
     except UnicodeDecodeError:
         raise _Failure(HTTPStatus.BAD_REQUEST, f"the {what} is not UTF-8") from None
     except ValueError:

@@ -1,0 +1,381 @@
+"""The wire protocol of DESIGN §1 and the errors of §2, against the Node.js peer."""
+
+from __future__ import annotations
+
+import pickle
+import tracemalloc
+from typing import Any
+
+import pytest
+
+from conftest import peer_stats
+from dispatchkit import (
+    ConnectError,
+    Dispatcher,
+    DispatchError,
+    DispatchTimeout,
+    EncodeError,
+    HTTPStatusError,
+    InvalidResponseError,
+    RemoteExecuteError,
+    ResponseTooLargeError,
+    TransportError,
+    UnknownStatusError,
+    UsageError,
+    __version__,
+)
+
+# -- requests -----------------------------------------------------------------
+
+
+def test_get_and_post_multiply(dispatcher: Dispatcher, peer: str) -> None:
+    assert dispatcher.call(f"{peer}/multiply", "GET", x=10, y=10) == 100
+    assert dispatcher.call(f"{peer}/multiply", "POST", x=10, y=10) == 100
+
+
+def test_get_sends_arguments_in_the_query(dispatcher: Dispatcher, peer: str) -> None:
+    echo = dispatcher.call(f"{peer}/echo", "GET", x=10, y="a b")
+    assert echo["method"] == "GET"
+    assert echo["query"] == [["x", "10"], ["y", "a b"]]
+    assert echo["body"] == ""
+
+
+def test_query_merge_keeps_url_arguments_and_keywords_win(
+    dispatcher: Dispatcher, peer: str
+) -> None:
+    echo = dispatcher.call(f"{peer}/echo?a=1&x=2&b=", "GET", x=10)
+    assert echo["query"] == [["a", "1"], ["b", ""], ["x", "10"]]
+
+
+@pytest.mark.parametrize("method", ["HEAD", "DELETE", "OPTIONS"])
+def test_other_query_methods(dispatcher: Dispatcher, peer: str, method: str) -> None:
+    if method == "HEAD":
+        # A HEAD answer has no body, so it can never carry an envelope.
+        with pytest.raises(InvalidResponseError, match="empty"):
+            dispatcher.call(f"{peer}/echo", method, x=1)
+        return
+    echo = dispatcher.call(f"{peer}/echo", method, x=1)
+    assert echo["method"] == method
+    assert echo["query"] == [["x", "1"]]
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+def test_body_methods_send_a_form(dispatcher: Dispatcher, peer: str, method: str) -> None:
+    echo = dispatcher.call(f"{peer}/echo", method, x=10, y="a&b=c")
+    assert echo["method"] == method
+    assert echo["content_type"] == "application/x-www-form-urlencoded"
+    assert echo["body"] == "x=10&y=a%26b%3Dc"
+    assert echo["args"] == {"x": "10", "y": "a&b=c"}
+    assert echo["query"] == []
+
+
+def test_value_encoding(dispatcher: Dispatcher, peer: str) -> None:
+    echo = dispatcher.call(
+        f"{peer}/echo",
+        "POST",
+        text="grüße ☃ 日本",
+        n=-3,
+        f=0.25,
+        yes=True,
+        no=False,
+        items=[1, "two", 3.5],
+        pair=("a", "b"),
+        skipped=None,
+    )
+    assert echo["args"] == {
+        "text": "grüße ☃ 日本",
+        "n": "-3",
+        "f": "0.25",
+        "yes": "true",
+        "no": "false",
+        "items": ["1", "two", "3.5"],
+        "pair": ["a", "b"],
+    }
+
+
+def test_unicode_in_the_query(dispatcher: Dispatcher, peer: str) -> None:
+    echo = dispatcher.call(f"{peer}/echo", "GET", q="ünï cödé ✓", tags=["日本", "ß"])
+    assert echo["args"] == {"q": "ünï cödé ✓", "tags": ["日本", "ß"]}
+
+
+def test_headers_sent(dispatcher: Dispatcher, peer: str) -> None:
+    headers = dispatcher.call(f"{peer}/echo")["headers"]
+    assert headers["user-agent"] == f"dispatchkit/{__version__}"
+    assert len(headers["idempotency-key"]) == 32
+    int(headers["idempotency-key"], 16)
+
+
+def test_apply_options_never_collide_with_arguments(dispatcher: Dispatcher, peer: str) -> None:
+    echo = dispatcher.apply(
+        f"{peer}/echo",
+        "GET",
+        {"timeout": "t", "headers": "h", "task_id": "i", "json": "j", "method": "m", "url": "u"},
+        task_id="my-task-1",
+        headers={"X-Trace": "abc"},
+        timeout=3,
+    )
+    assert echo["args"] == {
+        "timeout": "t",
+        "headers": "h",
+        "task_id": "i",
+        "json": "j",
+        "method": "m",
+        "url": "u",
+    }
+    assert echo["headers"]["idempotency-key"] == "my-task-1"
+    assert echo["headers"]["x-trace"] == "abc"
+
+
+def test_call_passes_url_and_method_named_arguments_through(
+    dispatcher: Dispatcher, peer: str
+) -> None:
+    echo = dispatcher.call(f"{peer}/echo", "POST", url="u", timeout="t")
+    assert echo["args"] == {"url": "u", "timeout": "t"}
+
+
+def test_json_body_is_opt_in(dispatcher: Dispatcher, peer: str) -> None:
+    args = {"x": 10, "nested": {"a": [1, None, True]}, "s": "é"}
+    echo = dispatcher.apply(f"{peer}/echo", "POST", args, json=True)
+    assert echo["content_type"] == "application/json"
+    assert echo["args"] == args
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [({"a": 1}, "dict"), (object(), "object"), ([[1, 2]], "list"), (b"raw", "bytes")],
+)
+def test_unencodable_value_is_rejected_before_sending(
+    dispatcher: Dispatcher, peer: str, value: object, kind: str
+) -> None:
+    dispatcher.call(f"{peer}/stats/reset")
+    with pytest.raises(EncodeError, match="argument 'bad'") as info:
+        dispatcher.call(f"{peer}/echo", "POST", ok=1, bad=value)
+    assert isinstance(info.value, TypeError)
+    assert info.value.argument == "bad"
+    assert kind in str(info.value)
+    assert peer_stats(dispatcher, peer)["requests"] == 1  # only the /stats call itself
+
+
+def test_unencodable_json_value(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(EncodeError, match="argument 'when'"):
+        dispatcher.apply(f"{peer}/echo", "POST", {"ok": 1, "when": object()}, json=True)
+
+
+def test_bad_calls_are_usage_errors(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(UsageError, match="unsupported HTTP method 'FETCH'"):
+        dispatcher.call(f"{peer}/echo", "FETCH")
+    with pytest.raises(UsageError, match="json=True"):
+        dispatcher.apply(f"{peer}/echo", "GET", {"x": 1}, json=True)
+    with pytest.raises(UsageError, match="no scheme"):
+        dispatcher.call("127.0.0.1/echo")
+    with pytest.raises(UsageError, match="no transport for scheme 'ftp'"):
+        dispatcher.call("ftp://127.0.0.1/echo")
+    with pytest.raises(UsageError, match="url must be a str"):
+        dispatcher.call(b"http://127.0.0.1/")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="timeout must be positive"):
+        dispatcher.apply(f"{peer}/echo", timeout=0)
+
+
+# -- responses --------------------------------------------------------------------
+
+
+def test_failure_envelope_on_200(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(RemoteExecuteError) as info:
+        dispatcher.call(f"{peer}/fail", reason="disk full")
+    assert info.value.reason == "disk full"
+    assert info.value.status == 200
+
+
+def test_failure_envelope_on_500(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(RemoteExecuteError) as info:
+        dispatcher.call(f"{peer}/fail500", "POST", reason="ValueError: bad x")
+    assert info.value.reason == "ValueError: bad x"
+    assert info.value.status == 500
+
+
+def test_http_error_without_envelope(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(HTTPStatusError) as info:
+        dispatcher.call(f"{peer}/status/404")
+    error = info.value
+    assert error.status == 404
+    assert error.body_excerpt == b"nope 404"
+    assert error.headers["content-type"].startswith("text/plain")
+    assert "HTTP 404" in str(error)
+
+
+def test_redirect_is_not_followed(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(HTTPStatusError) as info:
+        dispatcher.call(f"{peer}/redirect", to="/multiply?x=1&y=2")
+    assert info.value.status == 302
+    assert "/multiply?x=1&y=2" in str(info.value)
+    assert "not followed" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "match"),
+    [
+        ("empty", InvalidResponseError, "empty response body"),
+        ("json", InvalidResponseError, "not valid JSON.*'{not json'"),
+        ("array", InvalidResponseError, "must be a JSON object, got list"),
+        ("nostatus", InvalidResponseError, 'no "status"'),
+        ("unknown", UnknownStatusError, "unknown envelope status 'pending'"),
+    ],
+)
+def test_invalid_responses(
+    dispatcher: Dispatcher, peer: str, path: str, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match) as info:
+        dispatcher.call(f"{peer}/invalid/{path}")
+    assert isinstance(info.value, InvalidResponseError)
+
+
+def test_invalid_response_quotes_at_most_200_bytes(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(InvalidResponseError) as info:
+        dispatcher.call(f"{peer}/invalid/long")
+    message = str(info.value)
+    assert "x" * 200 in message
+    assert "x" * 201 not in message
+    assert info.value.body_excerpt == b"x" * 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "text/html",
+        "text/plain",
+        "",
+        "application/problem+json",
+    ],
+)
+def test_lenient_content_types(dispatcher: Dispatcher, peer: str, content_type: str) -> None:
+    assert dispatcher.call(f"{peer}/content-type", type=content_type) == "typed"
+
+
+def test_unknown_content_type_has_no_codec(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(InvalidResponseError, match="no codec for content type 'application/xml'"):
+        dispatcher.call(f"{peer}/content-type", type="application/xml")
+
+
+# -- transport ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_refused_port_is_a_connect_error(make_dispatcher: Any) -> None:
+    d = make_dispatcher()
+    with pytest.raises(ConnectError) as info:
+        d.call(f"http://127.0.0.1:{_free_port()}/multiply", x=1, y=2)
+    assert isinstance(info.value, ConnectionError)
+    assert not isinstance(info.value, (DispatchTimeout, TimeoutError))
+    assert "refused" in str(info.value).lower()
+
+
+def test_read_timeout_is_bounded(make_dispatcher: Any, peer: str) -> None:
+    d = make_dispatcher(timeout=0.3, retry_attempts=1)
+    with pytest.raises(DispatchTimeout) as info:
+        d.call(f"{peer}/slow", delay=5000)
+    assert isinstance(info.value, TimeoutError)
+    assert "read timed out" in str(info.value)
+
+
+def test_keep_alive_one_connection_for_many_calls(dispatcher: Dispatcher, peer: str) -> None:
+    dispatcher.call(f"{peer}/stats/reset")
+    for i in range(50):
+        assert dispatcher.call(f"{peer}/multiply", "GET" if i % 2 else "POST", x=i, y=2) == 2 * i
+    stats = peer_stats(dispatcher, peer)
+    assert stats == {"connections": 0, "requests": 51}  # reset was sent on the same connection
+
+
+def test_dropped_connection_get_is_retried_post_is_not(make_dispatcher: Any, peer: str) -> None:
+    d = make_dispatcher(retry_attempts=3)
+    d.call(f"{peer}/stats/reset")
+    with pytest.raises(TransportError, match="connection broken") as info:
+        d.call(f"{peer}/drop", "POST")
+    assert not isinstance(info.value, ConnectError)
+    assert info.value.method == "POST"
+    with pytest.raises(TransportError):
+        d.call(f"{peer}/drop", "GET")
+    assert peer_stats(d, peer)["requests"] == 1 + 3 + 1
+
+
+@pytest.mark.parametrize("length", [0, 1])
+def test_oversized_body_is_refused_with_bounded_memory(
+    make_dispatcher: Any, peer: str, length: int
+) -> None:
+    limit = 1024 * 1024
+    d = make_dispatcher(max_response_bytes=limit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResponseTooLargeError) as info:
+            d.call(f"{peer}/big", bytes=64 * limit, length=length)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.limit == limit
+    assert isinstance(info.value, InvalidResponseError)
+    assert peak < 4 * limit  # the 64 MiB body was never held
+    # The refused connection was dropped, not returned dirty: the next call works.
+    assert d.call(f"{peer}/multiply", x=2, y=3) == 6
+
+
+def test_body_at_the_limit_is_accepted(make_dispatcher: Any, peer: str) -> None:
+    d = make_dispatcher(max_response_bytes=100_000)
+    with pytest.raises(InvalidResponseError) as info:  # filler is not JSON, but it was read
+        d.call(f"{peer}/big", bytes=100_000)
+    assert not isinstance(info.value, ResponseTooLargeError)
+
+
+# -- errors carry context ----------------------------------------------------------
+
+
+def test_errors_carry_task_method_and_masked_url(dispatcher: Dispatcher, peer: str) -> None:
+    url = peer.replace("http://", "http://alice:s3cret@") + "/status/500?token=abc&x=1"
+    with pytest.raises(HTTPStatusError) as info:
+        dispatcher.apply(url, "GET", {"y": 2}, task_id="t-1")
+    error = info.value
+    assert (error.task_id, error.method) == ("t-1", "GET")
+    assert error.url is not None
+    assert "s3cret" not in str(error)
+    assert "s3cret" not in error.url
+    assert "token=abc" not in str(error)
+    assert "alice:***@" in str(error)
+    assert "s3cret" not in repr(error.request)
+
+
+def test_userinfo_is_sent_as_basic_auth(dispatcher: Dispatcher, peer: str) -> None:
+    url = peer.replace("http://", "http://alice:s3cret@") + "/echo"
+    headers = dispatcher.call(url)["headers"]
+    assert headers["authorization"] == "Basic YWxpY2U6czNjcmV0"
+
+
+def test_errors_pickle_with_their_context(dispatcher: Dispatcher, peer: str) -> None:
+    with pytest.raises(RemoteExecuteError) as info:
+        dispatcher.apply(f"{peer}/fail500", "POST", {"reason": "nope"}, task_id="t-2")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is RemoteExecuteError
+    assert (copy.reason, copy.status, copy.task_id, copy.method) == ("nope", 500, "t-2", "POST")
+    assert str(copy) == str(info.value)
+    assert copy.request is None  # headers may hold credentials; they stay behind
+
+
+def test_every_error_is_a_dispatch_error(dispatcher: Dispatcher, peer: str) -> None:
+    for path in ("/fail", "/status/503", "/invalid/json", "/redirect"):
+        with pytest.raises(DispatchError):
+            dispatcher.apply(f"{peer}{path}", "POST")
+
+
+def test_closed_dispatcher_refuses_calls(peer: str) -> None:
+    d = Dispatcher()
+    d.close()
+    d.close()
+    with pytest.raises(UsageError, match="closed"):
+        d.call(f"{peer}/multiply", x=1, y=1)
