@@ -24,6 +24,7 @@ from dispatchkit._encoding import (
 )
 from dispatchkit._models import FAILURE, SUCCESS, Codec, Outcome, PluginInfo, Request, Response
 from dispatchkit._plugins import build_manager
+from dispatchkit._redact import excerpt
 from dispatchkit._settings import Settings
 from dispatchkit.exceptions import (
     DispatchError,
@@ -32,7 +33,6 @@ from dispatchkit.exceptions import (
     RemoteExecuteError,
     UnknownStatusError,
     UsageError,
-    excerpt,
 )
 
 log = logging.getLogger("dispatchkit")

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from dispatchkit._urls import mask_url
-from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError, excerpt
+from dispatchkit._redact import excerpt, mask_url
+from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError
 
 SUCCESS: Literal["success"] = "success"
 FAILURE: Literal["failure"] = "failure"

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from dispatchkit._urls import mask_url
+from dispatchkit._redact import EXCERPT_BYTES, mask_url
 
 if TYPE_CHECKING:
     from dispatchkit._models import Request
@@ -45,14 +45,6 @@ __all__ = [
     "UnknownStatusError",
     "UsageError",
 ]
-
-EXCERPT_BYTES = 200
-
-
-def excerpt(body: bytes, limit: int = EXCERPT_BYTES) -> str:
-    """Quote at most ``limit`` bytes of ``body`` for a message."""
-    text = body[:limit].decode("utf-8", "replace")
-    return repr(text) + ("..." if len(body) > limit else "")
 
 
 class DispatchError(Exception):

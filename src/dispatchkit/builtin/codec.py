@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import orjson
 
 from dispatchkit._models import Envelope, Response
-from dispatchkit.exceptions import InvalidResponseError, excerpt
+from dispatchkit._redact import excerpt
+from dispatchkit.exceptions import InvalidResponseError
 from dispatchkit.hookspecs import hookimpl
 
 if TYPE_CHECKING:

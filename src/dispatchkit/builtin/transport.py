@@ -33,7 +33,7 @@ from urllib3.exceptions import (
 from urllib3.util import make_headers, parse_url
 
 from dispatchkit._models import Request, Response
-from dispatchkit._urls import mask_url
+from dispatchkit._redact import mask_url
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchTimeout,

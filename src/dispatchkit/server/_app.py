@@ -208,7 +208,7 @@ class TaskApp:
         stream = environ["wsgi.input"]
         length_text = str(environ.get("CONTENT_LENGTH") or "").strip()
         if length_text:
-            if not length_text.isdigit():
+            if not (length_text.isascii() and length_text.isdigit()):
                 raise _Failure(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {length_text!r}")
             length = int(length_text)
             if length > limit:

@@ -1,4 +1,4 @@
-"""URL helpers: masking secrets for messages, and splitting a URL once."""
+"""What messages may show: URLs with secrets masked, bodies cut to an excerpt."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ def mask_url(url: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+EXCERPT_BYTES = 200
+
+
+def excerpt(body: bytes, limit: int = EXCERPT_BYTES) -> str:
+    """Quote at most ``limit`` bytes of ``body`` for a message."""
+    text = body[:limit].decode("utf-8", "replace")
+    return repr(text) + ("..." if len(body) > limit else "")
