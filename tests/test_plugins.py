@@ -25,8 +25,8 @@ from dispatchkit_example import ExamplePlugin
 import dispatchkit
 from dispatchkit import (
     Codec,
-    DispatchError,
     Dispatcher,
+    DispatchError,
     Envelope,
     HTTPStatusError,
     InvalidResponseError,
@@ -38,9 +38,9 @@ from dispatchkit import (
     Response,
     Transport,
     UsageError,
+    _plugins,
     hookimpl,
 )
-from dispatchkit import _plugins
 from dispatchkit.builtin import DEFAULT_PLUGINS
 from dispatchkit.builtin import transport as builtin_transport
 from dispatchkit.builtin.transport import PoolTransport
@@ -797,5 +797,5 @@ def test_retry_policy_must_be_a_retrying() -> None:
         def dispatchkit_retry_policy(self, dispatcher: Dispatcher) -> Any:
             return 5
 
-    with pytest.raises(UsageError, match="tenacity.Retrying"):
+    with pytest.raises(UsageError, match=r"tenacity\.Retrying"):
         Dispatcher(plugins=[Wrong])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
 
 import orjson
 
@@ -64,16 +64,23 @@ def merge_query(url: str, pairs: Pairs) -> str:
     """Add ``pairs`` to the query of ``url``; a keyword replaces a same-named query argument."""
     if not pairs:
         return url
+    if "?" not in url and "#" not in url:
+        return f"{url}?{_urlencode(pairs)}"  # the common case, without a parse
     parts = urlsplit(url)
     if parts.query:
         names = {name for name, _ in pairs}
         kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
         pairs = kept + pairs
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(pairs), parts.fragment))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, _urlencode(pairs), parts.fragment))
+
+
+def _urlencode(pairs: Pairs) -> str:
+    # urlencode() without its type dispatch: every value here is already a str.
+    return "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in pairs)
 
 
 def form_body(pairs: Pairs) -> bytes:
-    return urlencode(pairs).encode("ascii")
+    return _urlencode(pairs).encode("ascii")
 
 
 def json_body(kwargs: Mapping[str, Any]) -> bytes:

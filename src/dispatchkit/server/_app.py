@@ -76,13 +76,13 @@ class TaskApp:
         return self._tasks_view
 
     @overload
-    def task(self, func: F, /) -> F: ...
+    def task(self, func: F, /, *, name: str | None = None) -> F: ...
 
     @overload
     def task(self, func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
 
     def task(self, func: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
-        """Register ``func`` as a task, as ``@app.task`` or ``@app.task(name=...)``.
+        """Register ``func`` as a task: ``@app.task``, ``@app.task(name=...)`` or a call.
 
         The name defaults to the function's ``__name__`` and must match
         ``[A-Za-z0-9._~-]+`` (it is a URL path segment). The function is

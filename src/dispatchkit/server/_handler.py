@@ -97,6 +97,9 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
+    # http.server answers a request line it cannot parse as HTTP/0.9, that is with
+    # no status line or headers; every client today would rather see a 400
+    default_request_version = "HTTP/1.0"
     server_version = f"dispatchkit/{__version__}"
     # headers and body go out in separate writes; without this, Nagle's algorithm
     # and delayed ACKs add tens of milliseconds to every keep-alive request

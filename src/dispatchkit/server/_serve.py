@@ -154,9 +154,8 @@ class TaskServer:
 
     @property
     def port(self) -> int:
-        """The port listened on: the one picked for ``port=0`` once listening."""
-        httpd = self._httpd
-        return self._port if httpd is None else httpd.server_port
+        """The requested port until listening, then the bound one (kept across stop and start)."""
+        return self._port
 
     @property
     def url(self) -> str:
@@ -175,6 +174,8 @@ class TaskServer:
             self._httpd = _HTTPServer(
                 (self.host, self._port), self.app, self.idle_timeout, self.stats
             )
+            # port 0 picked a free port; a restart reuses it, so the URL stays valid
+            self._port = self._httpd.server_port
         return self._httpd
 
     def _claim(self) -> _HTTPServer:
