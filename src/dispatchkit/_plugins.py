@@ -87,7 +87,8 @@ def plugin_name(plugin: object) -> str:
         return name
     if inspect.ismodule(plugin):
         return plugin.__name__
-    return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    cls = plugin if inspect.isclass(plugin) else type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def build_manager(

@@ -108,7 +108,9 @@ def test_two_connections_are_counted(server: TaskServer) -> None:
         conn = http.client.HTTPConnection(server.host, server.port, timeout=TIMEOUT)
         try:
             call(conn, "GET", "/multiply?x=1&y=1")
-            call(conn, "POST", "/echo", "s=a", {"Content-Type": "application/x-www-form-urlencoded"})
+            call(
+                conn, "POST", "/echo", "s=a", {"Content-Type": "application/x-www-form-urlencoded"}
+            )
         finally:
             conn.close()
     assert (server.stats.connections_opened, server.stats.requests_served) == (2, 4)
@@ -163,6 +165,7 @@ def test_http10_client_gets_one_request_per_connection(server: TaskServer) -> No
         raw_exchange(server, b"GET /multiply?x=1&y=5 HTTP/1.0\r\n\r\n")
     )
     assert status_line.endswith("200 OK")
+    assert headers["connection"] == "close"
     assert envelope["retval"] == 5
 
 
@@ -291,7 +294,11 @@ def test_headers_reach_the_app_as_cgi_variables() -> None:
     assert seen["PATH_INFO"] == "/a b/c"
     assert seen["QUERY_STRING"] == "q=%20"
     assert seen["HTTP_X_TRACE"] == "1"
-    assert (seen["CONTENT_TYPE"], seen["CONTENT_LENGTH"], seen["body"]) == ("text/plain", "5", b"hello")
+    assert (seen["CONTENT_TYPE"], seen["CONTENT_LENGTH"], seen["body"]) == (
+        "text/plain",
+        "5",
+        b"hello",
+    )
     assert "HTTP_CONTENT_TYPE" not in seen
     assert seen["SERVER_PORT"] == str(server.port)
 

@@ -33,7 +33,8 @@ class ServerStats:
     """Counters of a :class:`TaskServer`, safe to read and reset from any thread.
 
     ``connections_opened`` counts accepted sockets; ``requests_served`` counts
-    requests that were parsed and answered (malformed request lines are not).
+    requests handed to the app, before the answer is written (so a client that
+    has its answer sees it counted); a malformed request line is not counted.
     """
 
     __slots__ = ("_connections_opened", "_lock", "_requests_served")
