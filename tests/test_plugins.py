@@ -380,12 +380,7 @@ def test_plugin_instance_is_registered_as_is(make_dispatcher: MakeDispatcher, pe
     assert tagger.prepared == 1
 
 
-@pytest.mark.xfail(
-    reason="bug: _plugins.plugin_name() names a class without `name` 'builtins.type' "
-    "(it looks at type(cls)), so a second such class is silently dropped",
-    strict=True,
-)
-def test_plugin_classes_without_a_name_are_all_registered() -> None:
+def test_plugin_classes_without_a_name_are_named_after_the_class() -> None:
     class First:
         @hookimpl
         def dispatchkit_prepare_request(self, request: Request) -> None:
@@ -396,10 +391,12 @@ def test_plugin_classes_without_a_name_are_all_registered() -> None:
         def dispatchkit_call_done(self, request: Request, outcome: Outcome) -> None:
             pass
 
-    with Dispatcher(plugins=[First, Second]) as d:
-        listed = [type(p.plugin) for p in d.plugins]
-        assert First in listed
-        assert Second in listed
+    with Dispatcher(plugins=[First, Second()]) as d:
+        first, second = d.plugins[-2:]
+    assert first.name == f"{__name__}.{First.__qualname__}"
+    assert isinstance(first.plugin, First)
+    assert second.name == f"{__name__}.{Second.__qualname__}"
+    assert isinstance(second.plugin, Second)
 
 
 # -- custom scheme and media type: the extension points without HTTP -------------------
@@ -548,7 +545,7 @@ def test_plugin_transport_overrides_builtin_whatever_the_order(
     # Register the built-in again under another name, before or after the plugin:
     # being trylast, it loses either way.
     late_builtin = builtin_transport.Plugin()
-    late_builtin.name = "transport-again"  # type: ignore[misc]
+    late_builtin.name = "transport-again"
     counting = CountingPlugin()
     order = [late_builtin, counting] if builtin_first else [counting, late_builtin]
     d = make_dispatcher(plugins=order, disable=["transport"])
@@ -799,3 +796,93 @@ def test_retry_policy_must_be_a_retrying() -> None:
 
     with pytest.raises(UsageError, match=r"tenacity\.Retrying"):
         Dispatcher(plugins=[Wrong])
+
+
+# -- names, and plugins that break their contract ------------------------------------
+
+
+def test_plugin_given_in_code_replaces_the_entry_point_of_its_name(
+    make_dispatcher: MakeDispatcher, peer: str
+) -> None:
+    mine = ExamplePlugin()
+    d = make_dispatcher(plugins=[mine])
+    (example,) = [p for p in d.plugins if p.name == "example"]
+    assert example.plugin is mine
+    assert example.distribution is None  # not the entry point's
+    d.call(f"{peer}/multiply", x=1, y=1)
+    assert mine.calls == 1
+
+
+def test_plugin_given_in_code_replaces_a_builtin_of_its_name(
+    make_dispatcher: MakeDispatcher, peer: str
+) -> None:
+    counting = CountingPlugin()
+    counting.name = "transport"  # type: ignore[misc]
+    d = make_dispatcher(plugins=[counting])
+    assert d.call(f"{peer}/multiply", x=2, y=5) == 10
+    assert counting.transport is not None
+    assert counting.transport.sent == 1
+    assert [p.plugin for p in d.plugins if p.name == "transport"] == [counting]
+
+
+def test_two_plugins_of_one_name_are_refused() -> None:
+    with pytest.raises(PluginLoadError, match="two plugins are named 'tagger'"):
+        Dispatcher(plugins=[Tagger, Tagger()])
+
+
+def test_disable_must_be_a_list() -> None:
+    with pytest.raises(UsageError, match="lists, not a single string"):
+        Dispatcher(disable="example")  # type: ignore[arg-type]
+
+
+class FlakyTransport:
+    """Times out twice without saying which call (no ``request=``), then answers."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def send(self, request: Request) -> Response:
+        self.sent += 1
+        if self.sent <= 2:
+            raise dispatchkit.DispatchTimeout("slow")
+        return Response(200, {}, b'{"status": "success", "retval": "late"}')
+
+    def close(self) -> None:
+        pass
+
+
+def test_errors_of_a_plugin_transport_are_bound_before_the_retry_policy_sees_them(
+    make_dispatcher: MakeDispatcher,
+) -> None:
+    flaky = FlakyTransport()
+
+    class Plugin:
+        name = "flaky"
+
+        @hookimpl
+        def dispatchkit_transport(self, scheme: str, dispatcher: Dispatcher) -> Transport:
+            return flaky
+
+    d = make_dispatcher(plugins=[Plugin])
+    assert d.call("flaky://anywhere/task") == "late"
+    assert flaky.sent == 3
+
+
+def test_a_foreign_exception_in_a_hook_becomes_a_dispatch_error(
+    make_dispatcher: MakeDispatcher, peer: str
+) -> None:
+    class Buggy:
+        name = "buggy"
+
+        @hookimpl
+        def dispatchkit_prepare_request(self, request: Request) -> None:
+            raise KeyError("missing-header")
+
+    recorder = Recorder()
+    d = make_dispatcher(plugins=[recorder, Buggy])
+    with pytest.raises(DispatchError, match="plugin failure: KeyError") as excinfo:
+        d.call(f"{peer}/multiply", x=1, y=1)
+    assert isinstance(excinfo.value.__cause__, KeyError)
+    assert excinfo.value.method == "GET"
+    ((_, outcome),) = recorder.done
+    assert outcome.error is excinfo.value

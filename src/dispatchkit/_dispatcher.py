@@ -224,9 +224,17 @@ class Dispatcher:
 
     def _attempt(self, request: Request, transport: Any) -> Response:
         request.attempt += 1
-        if self._prepare is not None:
-            self._prepare(request=request)
-        response: Response = transport.send(request)
+        try:
+            if self._prepare is not None:
+                self._prepare(request=request)
+            response: Response = transport.send(request)
+        except DispatchError as exc:
+            raise exc.bind(request)  # the retry policy decides on the call's method
+        except Exception as exc:
+            # A plugin broke its contract; the caller still gets one error type, with context.
+            raise DispatchError(
+                f"plugin failure: {type(exc).__name__}: {exc}", request=request
+            ) from exc
         if 200 <= response.status < 300:
             return response
         raise self._status_error(request, response)

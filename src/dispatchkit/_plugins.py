@@ -16,7 +16,7 @@ from dispatchkit import hookspecs
 from dispatchkit._models import PluginInfo
 from dispatchkit._version import __version__
 from dispatchkit.builtin import DEFAULT_PLUGINS
-from dispatchkit.exceptions import PluginLoadError
+from dispatchkit.exceptions import PluginLoadError, UsageError
 
 ENTRY_POINT_GROUP = "dispatchkit"
 AUTOLOAD_ENV = "DISPATCHKIT_DISABLE_PLUGIN_AUTOLOAD"
@@ -99,13 +99,22 @@ def build_manager(
     Raises :class:`PluginLoadError` for a plugin that cannot be loaded or that
     implements a hook that does not exist (a misspelt or unprefixed name).
     """
+    if isinstance(disable, str) or isinstance(plugins, (str, bytes)):
+        raise UsageError("'plugins' and 'disable' take lists, not a single string")
     blocked = set(disable)
+    # A plugin given in code replaces a built-in or entry-point plugin of the same name.
+    given: dict[str, object] = {}
+    for plugin in plugins:
+        name = plugin_name(plugin)
+        if name in given:
+            raise PluginLoadError(f"two plugins are named {name!r}", plugin=name)
+        given[name] = plugin
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     infos: list[PluginInfo] = []
 
     def register(name: str, plugin: object, **meta: Any) -> None:
-        if name in blocked or pm.has_plugin(name):
+        if name in blocked:
             return
         try:
             pm.register(plugin, name=name)
@@ -117,6 +126,8 @@ def build_manager(
         infos.append(PluginInfo(name=name, hooks=hooks, plugin=plugin, **meta))
 
     for module_name in DEFAULT_PLUGINS:
+        if module_name in given:
+            continue
         module = importlib.import_module(f"dispatchkit.builtin.{module_name}")
         register(
             module_name,
@@ -127,8 +138,8 @@ def build_manager(
         )
     if not os.environ.get(AUTOLOAD_ENV):
         for ep in discover():
-            if ep.name in blocked:
-                continue  # a disabled plugin is not even imported
+            if ep.name in blocked or ep.name in given:
+                continue  # a disabled or replaced plugin is not even imported
             dist = ep.dist
             register(
                 ep.name,
@@ -136,8 +147,7 @@ def build_manager(
                 distribution=dist.name if dist else None,
                 version=dist.version if dist else None,
             )
-    for plugin in plugins:
-        name = plugin_name(plugin)
+    for name, plugin in given.items():
         register(name, _instantiate(name, plugin))
     try:
         pm.check_pending()

@@ -1,0 +1,292 @@
+"""HTTPS over real TLS: a trustme CA, a threaded HTTPS server on 127.0.0.1, no mocks.
+
+The server counts TCP connections, completed handshakes and requests, so pooling
+and "not retried" are asserted on counters. Every socket is closed and every wait
+is bounded (the suite runs with ``filterwarnings = error``, so a leaked socket's
+ResourceWarning would fail the test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+import trustme
+from urllib3.exceptions import InsecureRequestWarning
+
+from dispatchkit import (
+    ConnectError,
+    Dispatcher,
+    DispatchTimeout,
+    TransportError,
+    UsageError,
+)
+
+MakeDispatcher = Callable[..., Dispatcher]
+
+#: Seconds a server-side connection may sit idle, and the server thread may take to stop.
+IDLE_TIMEOUT = 5.0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers every GET and POST with a success envelope echoing the arguments."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive
+    timeout = IDLE_TIMEOUT
+    # Headers and body leave in one write (flushed after each request), not two
+    # segments that wait on the client's delayed ACK.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
+    server: _HTTPSServer
+
+    def do_GET(self) -> None:
+        self._answer(dict(parse_qsl(urlsplit(self.path).query)))
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self._answer(dict(parse_qsl(self.rfile.read(length).decode("utf-8"))))
+
+    def _answer(self, args: dict[str, str]) -> None:
+        self.server.count("requests")
+        retval = {"method": self.command, "path": urlsplit(self.path).path, "args": args}
+        body = json.dumps({"status": "success", "retval": retval}).encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep the test output clean
+
+
+class _HTTPSServer(ThreadingHTTPServer):
+    """A threaded HTTPS server; the TLS handshake runs in the connection's own thread."""
+
+    daemon_threads = False
+    block_on_close = True  # server_close() joins the connection threads
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.timeout = 0.05  # handle_request() polls, so the serving loop can stop
+        self.context = context
+        self.lock = threading.Lock()
+        self.counters = {"connections": 0, "handshakes": 0, "requests": 0}
+        self.errors: list[BaseException] = []
+        self.live: set[ssl.SSLSocket] = set()
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            self.counters[name] += 1
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        self.count("connections")
+        request.settimeout(IDLE_TIMEOUT)
+        try:
+            # wrap_socket detaches `request`; the TLS socket is ours to close.
+            with self.context.wrap_socket(request, server_side=True) as tls:
+                self.count("handshakes")
+                with self.lock:
+                    self.live.add(tls)
+                try:
+                    _Handler(tls, client_address, self)
+                finally:
+                    with self.lock:
+                        self.live.discard(tls)
+        except Exception as exc:  # a failed handshake or a dropped connection
+            with self.lock:
+                self.errors.append(exc)
+
+    def hang_up(self) -> None:
+        """Unblock connection threads still waiting on an idle keep-alive connection."""
+        with self.lock:
+            live = list(self.live)
+        for tls in live:
+            with contextlib.suppress(OSError):
+                # The plain-socket shutdown, so the SSL object stays the reader thread's.
+                socket.socket.shutdown(tls, socket.SHUT_RDWR)
+
+
+@dataclass
+class Server:
+    url: str
+    httpd: _HTTPSServer
+
+    def stat(self, name: str) -> int:
+        with self.httpd.lock:
+            return self.httpd.counters[name]
+
+
+@contextlib.contextmanager
+def https_server(context: ssl.SSLContext) -> Iterator[Server]:
+    httpd = _HTTPSServer(context)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            httpd.handle_request()
+
+    thread = threading.Thread(target=serve, name="https-test-server")
+    thread.start()
+    try:
+        yield Server(f"https://127.0.0.1:{httpd.server_address[1]}", httpd)
+    finally:
+        stop.set()
+        thread.join(IDLE_TIMEOUT)
+        httpd.hang_up()
+        httpd.server_close()
+        assert not thread.is_alive(), "the HTTPS test server did not stop"
+
+
+# -- certificates ------------------------------------------------------------------
+
+
+@dataclass
+class Pems:
+    ca: str
+    client: str  # key and certificate chain in one file
+    client_cert: str
+    client_key: str
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def pems(ca: trustme.CA, tmp_path: Path) -> Pems:
+    client = ca.issue_cert("client.example.org")
+    files = Pems(
+        ca=str(tmp_path / "ca.pem"),
+        client=str(tmp_path / "client.pem"),
+        client_cert=str(tmp_path / "client-cert.pem"),
+        client_key=str(tmp_path / "client-key.pem"),
+    )
+    ca.cert_pem.write_to_path(files.ca)
+    client.private_key_and_cert_chain_pem.write_to_path(files.client)
+    client.cert_chain_pems[0].write_to_path(files.client_cert)
+    client.private_key_pem.write_to_path(files.client_key)
+    return files
+
+
+def server_context(ca: trustme.CA, *, require_client_cert: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    if require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+        ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+def server(ca: trustme.CA) -> Iterator[Server]:
+    with https_server(server_context(ca)) as running:
+        yield running
+
+
+@pytest.fixture
+def mtls_server(ca: trustme.CA) -> Iterator[Server]:
+    with https_server(server_context(ca, require_client_cert=True)) as running:
+        yield running
+
+
+# -- tests ----------------------------------------------------------------------------
+
+
+def test_ca_certs_verifies_the_server(
+    server: Server, pems: Pems, make_dispatcher: MakeDispatcher
+) -> None:
+    d = make_dispatcher(ca_certs=pems.ca)
+    got = d.call(f"{server.url}/add", x=1, y=2)
+    assert got == {"method": "GET", "path": "/add", "args": {"x": "1", "y": "2"}}
+    posted = d.call(f"{server.url}/add", method="POST", x=3)
+    assert posted == {"method": "POST", "path": "/add", "args": {"x": "3"}}
+
+
+def test_system_store_rejects_an_unknown_ca(
+    server: Server, make_dispatcher: MakeDispatcher
+) -> None:
+    d = make_dispatcher()
+    with pytest.raises(TransportError, match="TLS") as excinfo:
+        d.call(f"{server.url}/add", x=1)
+    error = excinfo.value
+    assert not isinstance(error, (ConnectError, DispatchTimeout))
+    assert error.transient is False
+    assert isinstance(error.__cause__, Exception)
+    # A certificate that does not verify will not on a second try: one connection only.
+    assert server.stat("connections") == 1
+    assert server.stat("requests") == 0
+
+
+def test_hostname_mismatch_is_refused(
+    ca: trustme.CA, pems: Pems, make_dispatcher: MakeDispatcher
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("elsewhere.example.org").configure_cert(context)
+    with https_server(context) as other:
+        d = make_dispatcher(ca_certs=pems.ca)
+        with pytest.raises(TransportError, match="TLS") as excinfo:
+            d.call(f"{other.url}/add")
+        assert excinfo.value.transient is False
+        assert other.stat("requests") == 0
+        d.close()
+
+
+def test_verify_false_accepts_any_certificate(
+    server: Server, make_dispatcher: MakeDispatcher
+) -> None:
+    d = make_dispatcher(verify=False)
+    # urllib3 warns about every unverified connection, as requests does.
+    with pytest.warns(InsecureRequestWarning):
+        assert d.call(f"{server.url}/add", x=5)["args"] == {"x": "5"}
+
+
+def test_keep_alive_over_tls(server: Server, pems: Pems, make_dispatcher: MakeDispatcher) -> None:
+    d = make_dispatcher(ca_certs=pems.ca)
+    for i in range(10):
+        assert d.call(f"{server.url}/n", i=i)["args"] == {"i": str(i)}
+    assert server.stat("requests") == 10
+    assert server.stat("connections") == 1
+    assert server.stat("handshakes") == 1
+
+
+def test_client_certificate_required_and_missing(
+    mtls_server: Server, pems: Pems, make_dispatcher: MakeDispatcher
+) -> None:
+    d = make_dispatcher(ca_certs=pems.ca)
+    with pytest.raises(TransportError) as excinfo:
+        d.call(f"{mtls_server.url}/add", x=1)
+    assert not isinstance(excinfo.value, DispatchTimeout)
+    assert mtls_server.stat("requests") == 0
+
+
+def test_client_certificate_in_one_pem(
+    mtls_server: Server, pems: Pems, make_dispatcher: MakeDispatcher
+) -> None:
+    d = make_dispatcher(ca_certs=pems.ca, client_cert=pems.client)
+    for i in range(3):
+        assert d.call(f"{mtls_server.url}/add", x=i)["args"] == {"x": str(i)}
+    assert mtls_server.stat("connections") == 1
+
+
+def test_client_certificate_and_key_in_two_files(
+    mtls_server: Server, pems: Pems, make_dispatcher: MakeDispatcher
+) -> None:
+    d = make_dispatcher(ca_certs=pems.ca, client_cert=pems.client_cert, client_key=pems.client_key)
+    assert d.call(f"{mtls_server.url}/add", x=1)["args"] == {"x": "1"}
+
+
+def test_client_key_without_client_cert_is_a_usage_error(pems: Pems) -> None:
+    with pytest.raises(UsageError, match="client_key"):
+        Dispatcher(client_key=pems.client_key)
