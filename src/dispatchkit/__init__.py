@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from dispatchkit import states
 from dispatchkit._dispatcher import Dispatcher
-from dispatchkit._models import Codec, Envelope, Outcome, PluginInfo, Request, Response, Transport
+from dispatchkit._models import (
+    Call,
+    Codec,
+    Envelope,
+    Executor,
+    Outcome,
+    PluginInfo,
+    Request,
+    Response,
+    Result,
+    Transport,
+)
+from dispatchkit._results import AsyncResult
+from dispatchkit._seed import URL, HttpDispatchTask, default_dispatcher
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import (
     ConnectError,
@@ -15,6 +29,7 @@ from dispatchkit.exceptions import (
     PluginLoadError,
     RemoteExecuteError,
     ResponseTooLargeError,
+    ResultTimeout,
     TransportError,
     UnknownStatusError,
     UsageError,
@@ -22,6 +37,8 @@ from dispatchkit.exceptions import (
 from dispatchkit.hookspecs import hookimpl
 
 __all__ = [
+    "AsyncResult",
+    "Call",
     "Codec",
     "ConnectError",
     "DispatchError",
@@ -29,7 +46,9 @@ __all__ = [
     "Dispatcher",
     "EncodeError",
     "Envelope",
+    "Executor",
     "HTTPStatusError",
+    "HttpDispatchTask",
     "InvalidResponseError",
     "Outcome",
     "PluginInfo",
@@ -38,10 +57,15 @@ __all__ = [
     "Request",
     "Response",
     "ResponseTooLargeError",
+    "Result",
+    "ResultTimeout",
     "Transport",
     "TransportError",
+    "URL",
     "UnknownStatusError",
     "UsageError",
     "__version__",
+    "default_dispatcher",
     "hookimpl",
+    "states",
 ]

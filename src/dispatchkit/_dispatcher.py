@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import reprlib
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -22,7 +24,18 @@ from dispatchkit._encoding import (
     merge_query,
     normalize_method,
 )
-from dispatchkit._models import FAILURE, SUCCESS, Codec, Outcome, PluginInfo, Request, Response
+from dispatchkit._models import (
+    STATUS_FAILURE,
+    STATUS_SUCCESS,
+    Call,
+    Codec,
+    Executor,
+    Outcome,
+    PluginInfo,
+    Request,
+    Response,
+    Result,
+)
 from dispatchkit._plugins import build_manager
 from dispatchkit._redact import excerpt
 from dispatchkit._settings import Settings
@@ -40,6 +53,11 @@ log = logging.getLogger("dispatchkit")
 #: Media types are chosen by servers; past this many, codecs are resolved without caching.
 _CODEC_CACHE_MAX = 64
 _EMPTY: Mapping[str, Any] = {}
+#: The name in the log lines, after the seed's ``Task ...HttpDispatchTask[<id>] processed: 100``.
+TASK_NAME = "dispatchkit.HttpDispatchTask"
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 200
+_short = _repr.repr
 
 
 class Dispatcher:
@@ -67,6 +85,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._transports: dict[str, Any] = {}
         self._codecs: dict[str, Codec | None] = {}
+        self._executor: Executor | None = None
         self._headers = {"User-Agent": self.settings.user_agent, "Accept": JSON}
         hook.dispatchkit_configure(dispatcher=self)
         unknown = self.settings.unread_extras()
@@ -129,6 +148,101 @@ class Dispatcher:
             self._build(url, method, kwargs or _EMPTY, timeout, headers, task_id, json)
         )
 
+    def execute(self, call: Call) -> Any:
+        """Run a :class:`~dispatchkit.Call` here and now; what executors call."""
+        return self._run(
+            self._build(
+                call.url, call.method, call.kwargs, call.timeout, call.headers,
+                call.task_id or None, call.json,
+            )
+        )  # fmt: skip
+
+    def submit(self, url: str, /, method: str = "GET", **kwargs: Any) -> Result:
+        """Start the call on the executor and return its :class:`~dispatchkit.AsyncResult`.
+
+        Bad arguments raise here, before anything is queued; the result's ``id``
+        is the task id sent as ``Idempotency-Key``. For per-call options use
+        :meth:`apply_async`.
+        """
+        return self.apply_async(url, method, kwargs)
+
+    def apply_async(
+        self,
+        url: str,
+        method: str = "GET",
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        task_id: str | None = None,
+        json: bool = False,
+    ) -> Result:
+        """Like :meth:`apply`, on the executor: returns at once with the call's result handle."""
+        kwargs = kwargs or _EMPTY
+        # Building the request checks method, URL and arguments now, in the caller.
+        request = self._build(url, method, kwargs, timeout, headers, task_id, json)
+        call = Call(request.url if False else url, request.method, kwargs, request.task_id,
+                    timeout, headers, json)  # fmt: skip
+        return self._get_executor().submit(call)
+
+    def map(
+        self,
+        url: str,
+        calls: Iterable[Mapping[str, Any]],
+        method: str = "GET",
+        *,
+        concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Call ``url`` once per mapping of arguments in ``calls``; return the retvals in order.
+
+        At most ``concurrency`` calls (default ``pool_maxsize``) are in flight at
+        once, so a long iterable never queues everything up front. The first
+        error (in order) is raised once the calls in flight have finished, and
+        no new call starts after it; with ``return_exceptions=True`` errors take
+        their place in the list instead.
+        """
+        window = concurrency or self.settings.pool_maxsize
+        if window < 1:
+            raise UsageError(f"concurrency must be positive, got {concurrency!r}")
+        pending: deque[Result] = deque()
+        values: list[Any] = []
+        failed = False
+        for kwargs in calls:
+            if len(pending) >= window:
+                failed = self._collect(pending.popleft(), values, return_exceptions) or failed
+                if failed:
+                    break
+            pending.append(self.apply_async(url, method, kwargs))
+        while pending:
+            failed = self._collect(pending.popleft(), values, return_exceptions) or failed
+        if failed:
+            raise next(v for v in values if isinstance(v, DispatchError))
+        return values
+
+    @staticmethod
+    def _collect(result: Result, values: list[Any], return_exceptions: bool) -> bool:
+        value = result.get(propagate=False)
+        values.append(value)
+        return isinstance(value, DispatchError) and not return_exceptions
+
+    def _get_executor(self) -> Executor:
+        executor = self._executor
+        if executor is not None:
+            return executor
+        with self._lock:
+            if self._closed:
+                raise UsageError("this Dispatcher is closed")
+            if self._executor is None:
+                name = self.settings.executor
+                executor = self._pm.hook.dispatchkit_executor(dispatcher=self)
+                if executor is None:
+                    raise UsageError(
+                        f"no plugin provides the executor {name!r} (is its plugin installed?)"
+                    )
+                self._executor = executor
+            return self._executor
+
     @property
     def plugins(self) -> list[PluginInfo]:
         """Every registered plugin: name, distribution, version and the hooks it implements."""
@@ -140,6 +254,9 @@ class Dispatcher:
             if self._closed:
                 return
             self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)  # submitted calls finish; none is dropped
         self._pm.hook.dispatchkit_close(dispatcher=self)
 
     def __enter__(self) -> Dispatcher:
@@ -211,11 +328,16 @@ class Dispatcher:
             retval = self._decode(request, response)
         except DispatchError as exc:
             exc.bind(request)
+            if log.isEnabledFor(logging.INFO):
+                log.info("Task %s[%s] raised %s: %s", TASK_NAME, request.task_id,
+                         type(exc).__name__, exc.message)  # fmt: skip
             if self._done is not None:
                 self._report(
                     request, Outcome(None, exc, time.perf_counter() - started, request.attempt)
                 )
             raise
+        if log.isEnabledFor(logging.INFO):
+            log.info("Task %s[%s] processed: %s", TASK_NAME, request.task_id, _short(retval))
         if self._done is not None:
             self._report(
                 request, Outcome(retval, None, time.perf_counter() - started, request.attempt)
@@ -229,7 +351,8 @@ class Dispatcher:
                 self._prepare(request=request)
             response: Response = transport.send(request)
         except DispatchError as exc:
-            raise exc.bind(request)  # the retry policy decides on the call's method
+            exc.bind(request)  # the retry policy decides on the call's method
+            raise
         except Exception as exc:
             # A plugin broke its contract; the caller still gets one error type, with context.
             raise DispatchError(
@@ -246,9 +369,9 @@ class Dispatcher:
 
     def _decode(self, request: Request, response: Response) -> Any:
         envelope = self._codec_for(request, response).decode(response)
-        if envelope.status == SUCCESS:
+        if envelope.status == STATUS_SUCCESS:
             return envelope.retval
-        if envelope.status == FAILURE:
+        if envelope.status == STATUS_FAILURE:
             raise RemoteExecuteError(envelope.reason or "", status=response.status, request=request)
         raise UnknownStatusError(
             f"unknown envelope status {envelope.status!r}", body=response.body, request=request
@@ -260,7 +383,7 @@ class Dispatcher:
             envelope = self._codec_for(request, response).decode(response)
         except DispatchError:
             envelope = None
-        if envelope is not None and envelope.status == FAILURE:
+        if envelope is not None and envelope.status == STATUS_FAILURE:
             return RemoteExecuteError(
                 envelope.reason or "", status=response.status, request=request
             )

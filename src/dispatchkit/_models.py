@@ -9,8 +9,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from dispatchkit._redact import excerpt, mask_url
 from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError
 
-SUCCESS: Literal["success"] = "success"
-FAILURE: Literal["failure"] = "failure"
+#: The two statuses of an envelope.
+STATUS_SUCCESS: Literal["success"] = "success"
+STATUS_FAILURE: Literal["failure"] = "failure"
 
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "webhook-signature"})
 
@@ -41,6 +42,38 @@ class Request:
             f"Request(method={self.method!r}, url={mask_url(self.url)!r}, "
             f"task_id={self.task_id!r}, attempt={self.attempt}, headers={headers!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call as the caller asked for it, before encoding: what an executor ships.
+
+    Plain data (str, numbers, lists, dicts), so that it crosses process
+    boundaries as JSON; ``Dispatcher.execute(call)`` runs it anywhere.
+    """
+
+    url: str
+    method: str = "GET"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    task_id: str = ""
+    timeout: float | None = None
+    headers: Mapping[str, str] | None = None
+    json: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "method": self.method,
+            "kwargs": dict(self.kwargs),
+            "task_id": self.task_id,
+            "timeout": self.timeout,
+            "headers": dict(self.headers) if self.headers else None,
+            "json": self.json,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Call:
+        return cls(**data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +118,11 @@ class Envelope:
 
     @classmethod
     def success(cls, retval: Any = None) -> Envelope:
-        return cls(SUCCESS, retval=retval)
+        return cls(STATUS_SUCCESS, retval=retval)
 
     @classmethod
     def failure(cls, reason: str) -> Envelope:
-        return cls(FAILURE, reason=reason)
+        return cls(STATUS_FAILURE, reason=reason)
 
     @classmethod
     def from_object(cls, obj: object, body: bytes = b"") -> Envelope:
@@ -110,18 +143,50 @@ class Envelope:
             raise InvalidResponseError(
                 f'envelope has no "status": {excerpt(body)}', body=body
             ) from None
-        if status == SUCCESS:
-            return cls(SUCCESS, retval=obj.get("retval"))
-        if status == FAILURE:
+        if status == STATUS_SUCCESS:
+            return cls(STATUS_SUCCESS, retval=obj.get("retval"))
+        if status == STATUS_FAILURE:
             reason = obj.get("reason")
-            return cls(FAILURE, reason="" if reason is None else str(reason))
+            return cls(STATUS_FAILURE, reason="" if reason is None else str(reason))
         raise UnknownStatusError(f"unknown envelope status {status!r}: {excerpt(body)}", body=body)
 
     def to_object(self) -> dict[str, Any]:
         """The JSON-ready mapping of this envelope."""
-        if self.status == FAILURE:
-            return {"status": FAILURE, "reason": self.reason or ""}
+        if self.status == STATUS_FAILURE:
+            return {"status": STATUS_FAILURE, "reason": self.reason or ""}
         return {"status": self.status, "retval": self.retval}
+
+
+@runtime_checkable
+class Result(Protocol):
+    """What ``Dispatcher.submit`` returns, whichever executor ran the call.
+
+    :class:`~dispatchkit.AsyncResult` is the local one; an executor plugin
+    (Celery) returns its own with the same interface.
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> Any: ...
+
+    def ready(self) -> bool: ...
+
+    def successful(self) -> bool: ...
+
+    def failed(self) -> bool: ...
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs submitted calls; returned by the ``dispatchkit_executor`` hook."""
+
+    def submit(self, call: Call) -> Result: ...
+
+    def shutdown(self, wait: bool = True) -> None: ...
 
 
 @runtime_checkable

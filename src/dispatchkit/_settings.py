@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,11 @@ class Settings:
     #: Longest ``Retry-After`` honoured, in seconds.
     retry_after_cap: float = 10.0
     user_agent: str = f"dispatchkit/{__version__}"
+    #: Which executor runs ``submit()``: ``"threads"`` (built in) or a plugin's name
+    #: (``"celery"``); the environment variable ``DISPATCHKIT_EXECUTOR`` sets the default.
+    executor: str = field(
+        default_factory=lambda: os.environ.get("DISPATCHKIT_EXECUTOR") or "threads"
+    )
     extras: Mapping[str, Any] = field(default_factory=dict)
     _read: set[str] = field(default_factory=set, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -64,6 +70,8 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"setting {name!r} must be a positive int, got {value!r}")
+        if not isinstance(self.executor, str) or not self.executor:
+            raise UsageError(f"setting 'executor' must be a name, got {self.executor!r}")
         if self.client_key is not None and self.client_cert is None:
             raise UsageError("setting 'client_key' needs 'client_cert'")
 

@@ -13,6 +13,7 @@
     │   ├── UnknownStatusError
     │   └── ResponseTooLargeError
     ├── RemoteExecuteError        (the task itself said "failure"; .reason)
+    ├── ResultTimeout             (AsyncResult.get timed out; the call goes on)
     └── PluginLoadError           (a plugin could not be loaded or is malformed)
 
 Every error raised for a call carries the call's ``task_id``, ``method`` and
@@ -41,6 +42,7 @@ __all__ = [
     "PluginLoadError",
     "RemoteExecuteError",
     "ResponseTooLargeError",
+    "ResultTimeout",
     "TransportError",
     "UnknownStatusError",
     "UsageError",
@@ -191,6 +193,10 @@ class RemoteExecuteError(DispatchError):
         super().__init__(reason, request=request)
         self.reason = reason
         self.status = status
+
+
+class ResultTimeout(DispatchError, TimeoutError):
+    """``AsyncResult.get(timeout=...)`` gave up waiting; the call itself goes on."""
 
 
 class PluginLoadError(DispatchError):

@@ -7,4 +7,4 @@ order, and ``Dispatcher(disable=["retry"])`` turns a default off by name.
 from __future__ import annotations
 
 #: Names of the built-in plugin modules, in registration order.
-DEFAULT_PLUGINS: tuple[str, ...] = ("transport", "codec", "retry")
+DEFAULT_PLUGINS: tuple[str, ...] = ("transport", "codec", "retry", "executor")
