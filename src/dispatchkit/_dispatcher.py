@@ -81,7 +81,7 @@ class Dispatcher:
         self.settings = Settings.from_kwargs(settings)
         self._pm, self._infos = build_manager(plugins, disable)
         hook = self._pm.hook
-        self._closed = False
+        self._closing = self._closed = False
         self._lock = threading.Lock()
         self._transports: dict[str, Any] = {}
         self._codecs: dict[str, Codec | None] = {}
@@ -231,7 +231,7 @@ class Dispatcher:
         if executor is not None:
             return executor
         with self._lock:
-            if self._closed:
+            if self._closing:
                 raise UsageError("this Dispatcher is closed")
             if self._executor is None:
                 name = self.settings.executor
@@ -251,12 +251,13 @@ class Dispatcher:
     def close(self) -> None:
         """Release every resource (connections, executors); safe to call twice."""
         with self._lock:
-            if self._closed:
+            if self._closing:
                 return
-            self._closed = True
+            self._closing = True  # no new submit() from here on
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)  # submitted calls finish; none is dropped
+        self._closed = True
         self._pm.hook.dispatchkit_close(dispatcher=self)
 
     def __enter__(self) -> Dispatcher:
