@@ -379,3 +379,12 @@ def test_closed_dispatcher_refuses_calls(peer: str) -> None:
     d.close()
     with pytest.raises(UsageError, match="closed"):
         d.call(f"{peer}/multiply", x=1, y=1)
+
+
+def test_keep_alive_off_opens_a_connection_per_call(make_dispatcher: Any, peer: str) -> None:
+    d = make_dispatcher(keep_alive=False)
+    d.call(f"{peer}/stats/reset")
+    for i in range(5):
+        assert d.call(f"{peer}/multiply", x=i, y=1) == i
+    # reset, five calls and the stats call itself: each on a connection of its own
+    assert peer_stats(d, peer) == {"connections": 6, "requests": 6}

@@ -87,6 +87,8 @@ class Dispatcher:
         self._codecs: dict[str, Codec | None] = {}
         self._executor: Executor | None = None
         self._headers = {"User-Agent": self.settings.user_agent, "Accept": JSON}
+        if not self.settings.keep_alive:
+            self._headers["Connection"] = "close"
         hook.dispatchkit_configure(dispatcher=self)
         unknown = self.settings.unread_extras()
         if unknown:
