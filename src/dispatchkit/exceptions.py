@@ -46,6 +46,7 @@ __all__ = [
     "TransportError",
     "UnknownStatusError",
     "UsageError",
+    "error_from_dict",
 ]
 
 
@@ -89,6 +90,34 @@ class DispatchError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self._state()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as JSON-ready data (no Request), for :func:`error_from_dict` elsewhere."""
+        data: dict[str, Any] = {"type": type(self).__name__}
+        for key, value in self._state().items():
+            if key != "request":
+                data[key] = (
+                    {"$bytes": value.decode("latin-1")} if isinstance(value, bytes) else value
+                )
+        return data
+
+
+def error_from_dict(data: Mapping[str, Any]) -> DispatchError:
+    """Rebuild an error from :meth:`DispatchError.to_dict`; only types of this hierarchy.
+
+    An unknown type name gives a plain :class:`DispatchError`: the data never
+    names what gets imported or called.
+    """
+    cls = _BY_NAME.get(str(data.get("type")), DispatchError)
+    state = {
+        key: value["$bytes"].encode("latin-1")
+        if isinstance(value, dict) and set(value) == {"$bytes"}
+        else value
+        for key, value in data.items()
+        if key != "type"
+    }
+    state["request"] = None
+    return _rebuild(cls, state)
 
 
 def _rebuild(cls: type[DispatchError], state: dict[str, Any]) -> DispatchError:
@@ -205,3 +234,23 @@ class PluginLoadError(DispatchError):
     def __init__(self, message: str, *, plugin: str) -> None:
         super().__init__(message)
         self.plugin = plugin
+
+
+_BY_NAME: dict[str, type[DispatchError]] = {
+    cls.__name__: cls
+    for cls in (
+        DispatchError,
+        UsageError,
+        EncodeError,
+        TransportError,
+        ConnectError,
+        DispatchTimeout,
+        HTTPStatusError,
+        InvalidResponseError,
+        UnknownStatusError,
+        ResponseTooLargeError,
+        RemoteExecuteError,
+        ResultTimeout,
+        PluginLoadError,
+    )
+}

@@ -24,7 +24,8 @@
 //   /flaky             fail (default 1), code (default 503), retry_after: the first
 //                      `fail` requests per Idempotency-Key answer `code` "try again";
 //                      then success retval = requests seen for that key
-//   /record            counts the Idempotency-Key like /flaky; success retval = the key
+//   /record            counts the Idempotency-Key like /flaky on arrival; after arg delay ms
+//                      (default 0, cap 30000) success retval = the key
 //   /seen, /seen/reset success retval {key: count} for /flaky and /record; reset clears
 //   /slow              waits arg delay ms (cap 30000), then success retval = delay
 //   /redirect          302 to arg `to` (default /multiply), empty body
@@ -188,7 +189,14 @@ function handle(req, res, path, query, rawBody) {
       if (count <= fail) return send(res, code, 'try again', undefined, retryAfter(args));
       return success(res, count);
     }
-    case '/record': return success(res, countKey(req)[0]);
+    case '/record': {
+      const [key] = countKey(req); // counted on arrival, answered after the optional delay
+      const delay = Math.min(Math.max(numberArg(args, 'delay', 0), 0), 30000);
+      if (delay === 0) return success(res, key);
+      const timer = setTimeout(() => success(res, key), delay);
+      res.on('close', () => clearTimeout(timer));
+      return undefined;
+    }
     case '/seen': return success(res, Object.fromEntries(seen));
     case '/seen/reset': seen.clear(); return success(res, {});
     case '/stats': return success(res, { ...stats });

@@ -1,0 +1,142 @@
+"""Real Celery workers for the tests: subprocesses on a Redis broker, bounded start and stop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import IO
+from urllib.parse import urlsplit
+
+REDIS_URL = os.environ.get("DISPATCHKIT_TEST_REDIS", "redis://127.0.0.1:6379/13")
+
+
+def redis_reachable(url: str = REDIS_URL, timeout: float = 1.0) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 6379), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def flush(url: str = REDIS_URL) -> None:
+    """Empty the test database (a dedicated number: nothing else lives there)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+class Worker:
+    """A ``celery worker`` process and the log lines it wrote."""
+
+    def __init__(self, proc: subprocess.Popen[str], name: str, lines: queue.Queue[str]) -> None:
+        self.proc = proc
+        self.name = name
+        self._lines = lines
+        self.log: list[str] = []
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.log):
+                return True
+            try:
+                self.log.append(self._lines.get(timeout=0.1))
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    return False
+        return False
+
+    def children(self) -> list[int]:
+        """The pids of the prefork pool's processes."""
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout
+        return [int(pid) for pid in out.split()]
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line.rstrip())
+    stream.close()
+
+
+@contextlib.contextmanager
+def celery_worker(
+    queue_name: str, concurrency: int = 2, url: str = REDIS_URL, timeout: float = 60.0
+) -> Iterator[Worker]:
+    """Start ``celery -A dispatchkit_celery.worker worker`` (prefork) and wait until it is ready."""
+    name = f"test-{uuid.uuid4().hex[:8]}@%h"
+    env = {
+        **os.environ,
+        "DISPATCHKIT_CELERY_BROKER": url,
+        "DISPATCHKIT_CELERY_QUEUE": queue_name,
+        "DISPATCHKIT_CELERY_WORKER_SETTINGS": json.dumps({"timeout": 10, "retry_backoff": 0.01}),
+        "DISPATCHKIT_EXECUTOR": "threads",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "dispatchkit_celery.worker",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(concurrency),
+            "-Q",
+            queue_name,
+            "-n",
+            name,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--loglevel",
+            "INFO",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    lines: queue.Queue[str] = queue.Queue()
+    pump = threading.Thread(target=_pump, args=(proc.stderr, lines), daemon=True)
+    pump.start()
+    worker = Worker(proc, name, lines)
+    try:
+        if not worker.wait_for("ready.", timeout):
+            tail = "\n".join(worker.log[-30:])
+            raise RuntimeError(f"celery worker did not become ready in {timeout}s:\n{tail}")
+        yield worker
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown: running tasks finish
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        pump.join(timeout=10)

@@ -1,0 +1,139 @@
+"""The Celery executor plugin with real parts: a Redis broker and prefork worker subprocesses.
+
+Without Redis these tests skip with the reason (and fail in CI, where Redis is promised).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import peer_stats, require
+from dispatchkit import (
+    URL,
+    ConnectError,
+    Dispatcher,
+    HTTPStatusError,
+    RemoteExecuteError,
+    ResultTimeout,
+    states,
+)
+from support.celery_worker import REDIS_URL, Worker, celery_worker, flush, redis_reachable
+
+pytest.importorskip("dispatchkit_celery")
+
+QUEUE = f"dispatchkit-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    require(redis_reachable(), f"Redis is not reachable at {REDIS_URL}")
+    flush()
+    yield REDIS_URL
+    flush()
+
+
+@pytest.fixture(scope="module")
+def worker(redis_url: str) -> Iterator[Worker]:
+    with celery_worker(QUEUE, concurrency=2, url=redis_url) as running:
+        yield running
+
+
+@pytest.fixture
+def celery_dispatcher(redis_url: str, worker: Worker) -> Iterator[Dispatcher]:
+    with Dispatcher(
+        executor="celery", celery_broker=redis_url, celery_queue=QUEUE, celery_get_timeout=60
+    ) as d:
+        yield d
+
+
+def test_500_calls_come_back_right(celery_dispatcher: Dispatcher, peer: str) -> None:
+    results = [celery_dispatcher.submit(f"{peer}/multiply", x=i, y=3) for i in range(500)]
+    assert [r.get(timeout=120) for r in results] == [3 * i for i in range(500)]
+    assert all(r.state == states.SUCCESS for r in results)
+
+
+def test_post_and_the_seed_url(celery_dispatcher: Dispatcher, peer: str) -> None:
+    res = URL(f"{peer}/multiply", dispatcher=celery_dispatcher).post_async(x=1, y=2)
+    assert res.get(timeout=60) == 2
+    echo = celery_dispatcher.apply_async(
+        f"{peer}/echo", "POST", {"a": [1, 2]}, task_id="celery-echo-1"
+    ).get(timeout=60)
+    assert echo["headers"]["idempotency-key"] == "celery-echo-1"
+    assert echo["args"] == {"a": ["1", "2"]}
+
+
+def test_errors_arrive_with_type_and_reason(celery_dispatcher: Dispatcher, peer: str) -> None:
+    failing = celery_dispatcher.apply_async(
+        f"{peer}/fail500", "POST", {"reason": "disk full"}, task_id="celery-fail-1"
+    )
+    with pytest.raises(RemoteExecuteError) as info:
+        failing.get(timeout=60)
+    error = info.value
+    assert (error.reason, error.status, error.task_id, error.method) == (
+        "disk full", 500, "celery-fail-1", "POST",
+    )  # fmt: skip
+    assert failing.failed()
+    assert failing.state == states.FAILURE
+    assert isinstance(failing.get(timeout=5, propagate=False), RemoteExecuteError)
+    assert isinstance(failing.result, RemoteExecuteError)
+
+    with pytest.raises(HTTPStatusError) as http:
+        celery_dispatcher.submit(f"{peer}/status/404").get(timeout=60)
+    assert http.value.status == 404
+    assert http.value.body_excerpt == b"nope 404"
+
+    with pytest.raises(ConnectError):
+        celery_dispatcher.submit("http://127.0.0.1:9/unreachable").get(timeout=60)
+
+
+def test_get_with_a_timeout(celery_dispatcher: Dispatcher, peer: str) -> None:
+    res = celery_dispatcher.submit(f"{peer}/slow", delay=1500)
+    with pytest.raises(ResultTimeout):
+        res.get(timeout=0.1)
+    assert res.get(timeout=60) == 1500
+
+
+def test_connections_are_pooled_per_worker_process(
+    celery_dispatcher: Dispatcher, peer: str, worker: Worker
+) -> None:
+    with Dispatcher(disable=["example"]) as local:
+        local.call(f"{peer}/stats/reset")
+        results = [celery_dispatcher.submit(f"{peer}/multiply", x=i, y=1) for i in range(200)]
+        assert [r.get(timeout=120) for r in results] == list(range(200))
+        stats = peer_stats(local, peer)
+    assert stats["requests"] == 200 + 1
+    # Two worker processes, one Dispatcher each: at most two connections, never 200.
+    assert stats["connections"] <= len(worker.children()) <= 2
+
+
+def test_no_call_is_lost_when_a_worker_process_is_killed(
+    redis_url: str, peer: str, make_dispatcher: Any
+) -> None:
+    queue = f"{QUEUE}-kill"
+    local = make_dispatcher(disable=["example"])
+    local.call(f"{peer}/seen/reset")
+    with celery_worker(queue, concurrency=2, url=redis_url) as worker:
+        d = make_dispatcher(
+            executor="celery", celery_broker=redis_url, celery_queue=queue, celery_get_timeout=120
+        )
+        results = [d.submit(f"{peer}/record", delay=40) for _ in range(200)]
+        deadline = time.monotonic() + 60
+        while len(local.call(f"{peer}/seen")) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victims = worker.children()
+        assert victims, "the worker has no pool processes"
+        os.kill(victims[0], signal.SIGKILL)  # in the middle of a call
+        values = [r.get(timeout=120) for r in results]
+        assert worker.wait_for("WorkerLostError", timeout=10), "\n".join(worker.log[-20:])
+    assert values == [r.id for r in results]  # every call completed, each with its own key
+    seen = local.call(f"{peer}/seen")
+    assert set(seen) >= {r.id for r in results}  # the server saw every task id at least once
+    # The call that was cut off was delivered again, with the same Idempotency-Key.
+    assert any(seen[r.id] >= 2 for r in results), seen
