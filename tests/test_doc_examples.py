@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from dispatchkit import _seed
+
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RUN = "# not run"
 #: How long the threads a block started may take to end once it has returned.
@@ -94,11 +96,15 @@ def test_example_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     module.__file__ = str(block.path)
     monkeypatch.setitem(sys.modules, name, module)  # so that pickle and dataclasses find it
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
+    # A block that uses the process's default Dispatcher gets its own, closed after it.
+    monkeypatch.setattr(_seed, "_default", None)
     before = set(threading.enumerate())
     try:
         exec(code, module.__dict__)
     finally:
         module.__dict__.clear()
+        if _seed._default is not None:
+            _seed._default.close()
         leftovers = _threads_left(before)
         leaks = _collect_garbage()
     assert not leftovers, f"{block.id} left threads running: {leftovers} (use `with`)"

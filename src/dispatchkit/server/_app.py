@@ -14,10 +14,13 @@ import orjson
 
 from dispatchkit._models import Codec, Envelope
 from dispatchkit.server._convert import ArgumentError, FormValues, TaskSpec
+from dispatchkit.server._gateway import Gateway, GatewayError, forwarded, route, task_id_from
 from dispatchkit.server._serve import TaskServer
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from dispatchkit._dispatcher import Dispatcher
 
 __all__ = ["TaskApp"]
 
@@ -28,6 +31,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 _NAME = re.compile(r"[A-Za-z0-9._~-]+")
 _TASK_METHODS = ("GET", "HEAD", "POST")
 _INDEX_METHODS = ("GET", "HEAD")
+_APPLY_METHODS = ("GET", "POST")
+_RESULTS_MAX = 10_000
+_RESULTS_MAX_AGE = 3600.0
 _FORM = "application/x-www-form-urlencoded"
 _JSON = "application/json"
 # a bound on keys per query string or form body, so parsing cannot be made to run away
@@ -55,11 +61,43 @@ class TaskApp:
     answer, success or not, is an envelope encoded by ``codec`` (the JSON
     codec by default) with Content-Type and Content-Length. ``GET /`` answers
     a success envelope whose ``retval`` is the sorted list of task names.
+
+    ``gateway=True`` adds the HTTP gateway (``docs/gateway.md``):
+    ``/apply/<name>`` runs a task asynchronously on ``dispatcher``'s executor
+    (a Dispatcher made on first use and closed by :meth:`close` when none is
+    given), calling the task at ``callback_url`` (by default the server the
+    request reached, from the WSGI environ, never the Host header);
+    ``/<id>/status`` and ``/<id>/done`` read the result, kept for at most
+    ``results_max`` calls and ``results_max_age`` seconds.
     """
 
-    def __init__(self, codec: Codec | None = None, *, max_body_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        codec: Codec | None = None,
+        *,
+        max_body_bytes: int = 1 << 20,
+        gateway: bool = False,
+        dispatcher: Dispatcher | None = None,
+        callback_url: str | None = None,
+        results_max: int = _RESULTS_MAX,
+        results_max_age: float = _RESULTS_MAX_AGE,
+    ) -> None:
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must not be negative")
+        self._gateway: Gateway | None = None
+        if gateway:
+            self._gateway = Gateway(
+                dispatcher=dispatcher,
+                callback_url=callback_url,
+                results_max=results_max,
+                results_max_age=results_max_age,
+            )
+        elif (dispatcher, callback_url, results_max, results_max_age) != (
+            None, None, _RESULTS_MAX, _RESULTS_MAX_AGE,
+        ):  # fmt: skip
+            raise ValueError(
+                "dispatcher, callback_url, results_max and results_max_age need gateway=True"
+            )
         if codec is None:
             from dispatchkit.builtin.codec import JSONCodec
 
@@ -123,20 +161,37 @@ class TaskApp:
             pass
         finally:
             server.stop()
+            self.close()
+
+    def close(self) -> None:
+        """Close the gateway: refuse new applies, close the Dispatcher the app made.
+
+        Its calls still queued or running finish first (each is bounded by its
+        timeout). A Dispatcher given to the app is left open. Safe to call
+        twice; a TaskApp without the gateway has nothing to close.
+        """
+        if self._gateway is not None:
+            self._gateway.close()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         """The WSGI entry point."""
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         headers: list[tuple[str, str]] = []
+        media_type = self.codec.media_type
         try:
-            status, envelope = HTTPStatus.OK, self._dispatch(method, environ)
+            status, answer = HTTPStatus.OK, self._route(method, environ)
         except _Failure as failure:
-            status, envelope = failure.status, Envelope.failure(failure.reason)
+            status, answer = failure.status, Envelope.failure(failure.reason)
             headers = failure.headers
-        body = self._encode(status, envelope)
+        body: bytes | _Failure
+        if isinstance(answer, bytes):  # the gateway's JSON, which is not an envelope
+            body, media_type = answer, _JSON
+        else:
+            body = self._encode(status, answer)
         if isinstance(body, _Failure):
             status, body = body.status, self.codec.encode(Envelope.failure(body.reason))
-        headers += [("Content-Type", self.codec.media_type), ("Content-Length", str(len(body)))]
+            media_type = self.codec.media_type
+        headers += [("Content-Type", media_type), ("Content-Length", str(len(body)))]
         start_response(f"{status.value} {status.phrase}", headers)
         return [b""] if method == "HEAD" else [body]
 
@@ -149,6 +204,46 @@ class TaskApp:
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 f"cannot encode the return value: {type(exc).__name__}: {exc}",
             )
+
+    def _route(self, method: str, environ: WSGIEnvironment) -> Envelope | bytes:
+        if self._gateway is not None:
+            found = route(str(environ.get("PATH_INFO", "")))
+            if found is not None:
+                return self._gateway_answer(self._gateway, method, environ, *found)
+        return self._dispatch(method, environ)
+
+    def _gateway_answer(
+        self, gateway: Gateway, method: str, environ: WSGIEnvironment, action: str, arg: str
+    ) -> bytes:
+        try:
+            if action == "apply":
+                if arg not in self._specs:
+                    raise _Failure(HTTPStatus.NOT_FOUND, f"unknown task: {_shown_path(arg)}")
+                _allow(method, _APPLY_METHODS)
+                received: dict[str, object] = dict(_query_arguments(environ))
+                if method == "POST":
+                    received.update(self._body_arguments(environ))
+                answer = gateway.apply(
+                    arg,
+                    method,
+                    forwarded(received),
+                    json=method == "POST" and _is_json(_media_type(environ)),
+                    task_id=task_id_from(environ.get("HTTP_IDEMPOTENCY_KEY")),
+                    environ=environ,
+                )
+            else:
+                _allow(method, _INDEX_METHODS)
+                task_id = _from_latin1(arg)
+                answer = gateway.status(task_id) if action == "status" else gateway.done(task_id)
+        except GatewayError as exc:
+            raise _Failure(exc.status, exc.reason) from None
+        try:
+            return orjson.dumps(answer)
+        except TypeError as exc:
+            logger.exception("gateway: cannot encode the answer for %r", arg)
+            raise _Failure(
+                HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot encode the result: {exc}"
+            ) from None
 
     def _dispatch(self, method: str, environ: WSGIEnvironment) -> Envelope:
         path = str(environ.get("PATH_INFO", ""))
@@ -180,8 +275,8 @@ class TaskApp:
         if not body:
             return {}
         content_type = str(environ.get("CONTENT_TYPE", ""))
-        media_type = content_type.partition(";")[0].strip().lower()
-        if media_type == _JSON or media_type.endswith("+json"):
+        media_type = _media_type(environ)
+        if _is_json(media_type):
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
@@ -232,6 +327,14 @@ class TaskApp:
         return b"".join(chunks)
 
 
+def _media_type(environ: WSGIEnvironment) -> str:
+    return str(environ.get("CONTENT_TYPE", "")).partition(";")[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == _JSON or media_type.endswith("+json")
+
+
 def _allow(method: str, allowed: tuple[str, ...]) -> None:
     if method not in allowed:
         raise _Failure(
@@ -241,13 +344,16 @@ def _allow(method: str, allowed: tuple[str, ...]) -> None:
         )
 
 
-def _shown_path(path: str) -> str:
-    # PEP 3333 hands the path over as latin-1; show what the client meant
+def _from_latin1(path: str) -> str:
+    # PEP 3333 hands the path over as latin-1; return what the client meant
     try:
-        text = path.encode("latin-1").decode("utf-8")
+        return path.encode("latin-1").decode("utf-8")
     except UnicodeError:
-        text = path
-    text = text.lstrip("/")
+        return path
+
+
+def _shown_path(path: str) -> str:
+    text = _from_latin1(path).lstrip("/")
     return repr(text if len(text) <= 100 else text[:100] + "...")
 
 
