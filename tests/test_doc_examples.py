@@ -1,9 +1,11 @@
-"""Every ```python block in README.md and docs/*.md runs as it is.
+"""Every ```python block in README.md and docs/ (every .md file there) runs as it is.
 
 Each block is one test case, named ``file:line`` (the line of its opening
 fence), and runs in a fresh module of its own: blocks never depend on each
-other. A block whose first line is ``# not run`` is skipped (for code that
-blocks, like ``app.serve(port=8000)``, or needs what a test machine lacks).
+other. A block whose first line starts with ``# not run`` is not run (code
+that blocks, like ``app.serve(port=8000)``, needs what a test machine lacks,
+or is a fragment such as a hook's signature; ``# not run: why`` says why): it
+is only compiled, so that it stays valid Python.
 
 A block must clean up after itself: it runs in a scratch directory, and fails
 when it leaves a thread running (a server not stopped, an executor not shut
@@ -56,7 +58,7 @@ class Block:
     @property
     def skipped(self) -> bool:
         first = self.source.lstrip("\n").partition("\n")[0]
-        return first.strip() == NOT_RUN
+        return first.strip().startswith(NOT_RUN)
 
 
 def documents() -> list[Path]:
@@ -75,17 +77,22 @@ def blocks(path: Path) -> list[Block]:
 
 
 ALL_BLOCKS = [block for path in documents() for block in blocks(path)]
+RUNNABLE = [block for block in ALL_BLOCKS if not block.skipped]
+FRAGMENTS = [block for block in ALL_BLOCKS if block.skipped]
 
 
 def test_examples_are_found() -> None:
     # Guard against a vacuous pass: a broken fence pattern would find nothing.
-    assert any(not block.skipped for block in ALL_BLOCKS), "no runnable ```python block found"
+    assert RUNNABLE, "no runnable ```python block found"
 
 
-@pytest.mark.parametrize("block", ALL_BLOCKS, ids=[block.id for block in ALL_BLOCKS])
+def test_fragments_compile() -> None:
+    for block in FRAGMENTS:
+        compile(block.source, f"<{block.id}>", "exec", dont_inherit=True)
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[block.id for block in RUNNABLE])
 def test_example_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if block.skipped:
-        pytest.skip(f"first line is {NOT_RUN!r}")
     # Tracebacks show the block alone, as "<docs/guide.md:42>:3" (line 3 of the block at 42).
     filename = f"<{block.id}>"
     lines = block.source.splitlines(keepends=True)
@@ -102,11 +109,10 @@ def test_example_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     try:
         exec(code, module.__dict__)
     finally:
-        module.__dict__.clear()
         if _seed._default is not None:
             _seed._default.close()
         leftovers = _threads_left(before)
-        leaks = _collect_garbage()
+        leaks = _collect_garbage(module.__dict__)
     assert not leftovers, f"{block.id} left threads running: {leftovers} (use `with`)"
     assert not leaks, f"{block.id} left resources unclosed:\n" + "\n".join(leaks)
 
@@ -118,8 +124,8 @@ def _threads_left(before: set[threading.Thread]) -> list[str]:
     return sorted(t.name for t in set(threading.enumerate()) - before if t.is_alive())
 
 
-def _collect_garbage() -> list[str]:
-    """Collect what the block dropped; return the warnings that raised (unclosed sockets)."""
+def _collect_garbage(namespace: dict[str, object]) -> list[str]:
+    """Drop what the block made; return the warnings and errors that raised (unclosed sockets)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         unraisable: list[str] = []
@@ -128,6 +134,7 @@ def _collect_garbage() -> list[str]:
             lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}"),
         )
         try:
+            namespace.clear()
             gc.collect()
         finally:
             sys.unraisablehook = previous

@@ -45,7 +45,9 @@ def test_root_exports_what_the_design_names() -> None:
 
 def test_hierarchy() -> None:
     d = dispatchkit
-    assert all(issubclass(getattr(d, n), d.DispatchError) for n in exceptions.__all__)
+    classes = [getattr(exceptions, n) for n in exceptions.__all__ if n[0].isupper()]
+    assert all(issubclass(cls, d.DispatchError) for cls in classes)
+    assert {cls.__name__ for cls in classes} <= set(dispatchkit.__all__)
     assert issubclass(d.ConnectError, d.TransportError)
     assert issubclass(d.ConnectError, builtins.ConnectionError)
     assert issubclass(d.DispatchTimeout, d.TransportError)

@@ -172,7 +172,7 @@ def test_bad_calls_are_usage_errors(dispatcher: Dispatcher, peer: str) -> None:
         dispatcher.call("ftp://127.0.0.1/echo")
     with pytest.raises(UsageError, match="url must be a str"):
         dispatcher.call(b"http://127.0.0.1/")  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="timeout must be positive"):
+    with pytest.raises(UsageError, match="timeout must be a positive"):
         dispatcher.apply(f"{peer}/echo", timeout=0)
 
 
@@ -388,3 +388,31 @@ def test_keep_alive_off_opens_a_connection_per_call(make_dispatcher: Any, peer: 
         assert d.call(f"{peer}/multiply", x=i, y=1) == i
     # reset, five calls and the stats call itself: each on a connection of its own
     assert peer_stats(d, peer) == {"connections": 6, "requests": 6}
+
+
+def test_errors_raised_before_sending_still_name_the_call(
+    dispatcher: Dispatcher, peer: str
+) -> None:
+    with pytest.raises(EncodeError) as info:
+        dispatcher.apply(f"{peer}/echo?token=abc", "POST", {"bad": {}}, task_id="t-9")
+    assert (info.value.task_id, info.value.method) == ("t-9", "POST")
+    assert info.value.url == f"{peer}/echo?token=***"
+    with pytest.raises(UsageError) as bad_method:
+        dispatcher.call(f"{peer}/echo", "fetch")
+    assert bad_method.value.method == "FETCH"
+    assert bad_method.value.task_id
+
+
+@pytest.mark.parametrize("timeout", ["5", True, float("inf"), float("nan"), -1])
+def test_bad_timeouts_are_usage_errors(dispatcher: Dispatcher, peer: str, timeout: Any) -> None:
+    with pytest.raises(UsageError, match="timeout"):
+        dispatcher.apply(f"{peer}/echo", timeout=timeout)
+
+
+def test_header_names_are_merged_without_regard_to_case(dispatcher: Dispatcher, peer: str) -> None:
+    url = peer.replace("http://", "http://alice:pw@") + "/echo"
+    headers = dispatcher.apply(url, headers={"user-agent": "me/1.0", "authorization": "Bearer t"})[
+        "headers"
+    ]
+    assert headers["user-agent"] == "me/1.0"
+    assert headers["authorization"] == "Bearer t"  # the explicit header wins over the userinfo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import reprlib
 import threading
 import time
@@ -289,12 +290,30 @@ class Dispatcher:
         task_id: str | None,
         json: bool,
     ) -> Request:
+        task_id = task_id or uuid.uuid4().hex
+        try:
+            return self._encode(url, method, kwargs, timeout, headers, task_id, json)
+        except DispatchError as exc:
+            # Nothing was sent, but the error still says which call it was.
+            shown = url if isinstance(url, str) else repr(url)
+            raise exc.with_context(task_id, str(method).upper(), shown) from exc.__cause__
+
+    def _encode(
+        self,
+        url: str,
+        method: str,
+        kwargs: Mapping[str, Any],
+        timeout: float | None,
+        headers: Mapping[str, str] | None,
+        task_id: str,
+        json: bool,
+    ) -> Request:
         if not isinstance(url, str):
             raise UsageError(f"url must be a str, got {type(url).__name__}")
         method = normalize_method(method)
         request_headers = dict(self._headers)
         if headers:
-            request_headers.update(headers)
+            _merge_headers(request_headers, headers)
         body: bytes | None = None
         if method in QUERY_METHODS:
             if json:
@@ -306,12 +325,15 @@ class Dispatcher:
         else:
             body = form_body(form_pairs(kwargs))
             request_headers["Content-Type"] = FORM
-        task_id = task_id or uuid.uuid4().hex
         request_headers["Idempotency-Key"] = task_id
         if timeout is None:
             timeout = self.settings.timeout
-        elif not timeout > 0:
-            raise UsageError(f"timeout must be positive, got {timeout!r}")
+        elif (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout < math.inf
+        ):
+            raise UsageError(f"timeout must be a positive, finite number, got {timeout!r}")
         return Request(method, url, kwargs, request_headers, body, task_id, timeout)
 
     def _run(self, request: Request) -> Any:
@@ -388,13 +410,17 @@ class Dispatcher:
             envelope = None
         if envelope is not None and envelope.status == STATUS_FAILURE:
             return RemoteExecuteError(
-                envelope.reason or "", status=response.status, request=request
+                envelope.reason or "",
+                status=response.status,
+                headers=response.headers,
+                request=request,
             )
         status = response.status
         message = f"HTTP {status}"
         if 300 <= status < 400:
             location = response.header("location")
-            message += f" redirect to {location!r} (redirects are not followed)"
+            target = f"to {location!r}" if location else "without a Location"
+            message += f" redirect {target} (redirects are not followed)"
         elif response.body:
             message += f": {excerpt(response.body)}"
         return HTTPStatusError(
@@ -442,3 +468,13 @@ class Dispatcher:
             self._done(request=request, outcome=outcome)
         except Exception:
             log.exception("a dispatchkit_call_done hook failed for task %s", request.task_id)
+
+
+def _merge_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
+    """Add ``extra`` to ``headers``; a name given in any case replaces the default's."""
+    lowered = {name.lower(): name for name in headers}
+    for name, value in extra.items():
+        existing = lowered.get(name.lower())
+        if existing is not None and existing != name:
+            del headers[existing]
+        headers[name] = value

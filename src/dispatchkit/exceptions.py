@@ -73,9 +73,14 @@ class DispatchError(Exception):
         """Attach the call's context if the error was raised without it; return self."""
         if self.request is None and self.method is None:
             self.request = request
-            self.task_id = request.task_id
-            self.method = request.method
-            self.url = mask_url(request.url)
+            self.with_context(request.task_id, request.method, request.url)
+        return self
+
+    def with_context(self, task_id: str, method: str, url: str) -> DispatchError:
+        """Set the call's task id, method and URL (masked here); return self."""
+        self.task_id = task_id
+        self.method = method
+        self.url = mask_url(url)
         return self
 
     def __str__(self) -> str:
@@ -217,11 +222,18 @@ class RemoteExecuteError(DispatchError):
     """The task ran and reported ``{"status": "failure", "reason": ...}``."""
 
     def __init__(
-        self, reason: str, *, status: int | None = None, request: Request | None = None
+        self,
+        reason: str,
+        *,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        request: Request | None = None,
     ) -> None:
         super().__init__(reason, request=request)
         self.reason = reason
         self.status = status
+        #: The response headers (names lower-cased) when the status was not 2xx.
+        self.headers = {k.lower(): v for k, v in headers.items()} if headers else {}
 
 
 class ResultTimeout(DispatchError, TimeoutError):
