@@ -137,3 +137,45 @@ def test_no_call_is_lost_when_a_worker_process_is_killed(
     assert set(seen) >= {r.id for r in results}  # the server saw every task id at least once
     # The call that was cut off was delivered again, with the same Idempotency-Key.
     assert any(seen[r.id] >= 2 for r in results), seen
+
+
+def test_the_gateway_applies_through_the_celery_executor(
+    celery_dispatcher: Dispatcher, worker: Worker
+) -> None:
+    import urllib.parse
+    import urllib.request
+
+    import orjson
+
+    from dispatchkit.server import TaskApp
+
+    app = TaskApp(gateway=True, dispatcher=celery_dispatcher)
+    ran_in: list[int] = []
+
+    @app.task
+    def multiply(x: int, y: int) -> int:
+        ran_in.append(os.getpid())
+        return x * y
+
+    def get(url: str, data: bytes | None = None) -> Any:
+        with urllib.request.urlopen(url, data=data, timeout=10) as answer:
+            return orjson.loads(answer.read())
+
+    with app.server(port=0) as server:
+        body = urllib.parse.urlencode({"x": 6, "y": 7}).encode()
+        applied = get(f"{server.url}/apply/multiply", data=body)
+        assert applied["ok"] == "true"
+        task_id = applied["task_id"]
+        deadline = time.monotonic() + 60
+        status = get(f"{server.url}/{task_id}/status")["task"]
+        while status["status"] not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = get(f"{server.url}/{task_id}/status")["task"]
+        assert status == {"id": task_id, "status": "SUCCESS", "result": 42}
+        assert get(f"{server.url}/{task_id}/done")["task"]["executed"] is True
+    # A Celery worker process made the call back to this server: the task ran here,
+    # and the result travelled through the broker's result backend.
+    assert ran_in == [os.getpid()]
+    executor = celery_dispatcher._get_executor()
+    assert executor.app.AsyncResult(task_id).get(timeout=10) == 42  # type: ignore[attr-defined]
+    app.close()
