@@ -8,17 +8,13 @@ cannot be loaded); 130 interrupted. An expected error never shows a traceback.
 from __future__ import annotations
 
 import argparse
-import math
-import re
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-import orjson
-
-from dispatchkit import _serve_cli
+from dispatchkit import _call_cli, _serve_cli
 from dispatchkit._dispatcher import Dispatcher
-from dispatchkit._encoding import QUERY_METHODS, normalize_method
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import DispatchError, EncodeError, RemoteExecuteError, UsageError
 
@@ -28,21 +24,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-
-# RFC 9110 token: what a header name may be made of
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# sent as the Idempotency-Key header: visible ASCII, bounded
-_TASK_ID = re.compile(r"[!-~]{1,200}")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be positive and finite: {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,37 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Call the task at URL and print its retval as JSON on stdout. "
         "Arguments are key=value pairs; a repeated key sends a list.",
     )
-    call.add_argument("url", metavar="URL")
-    call.add_argument("arguments", nargs="*", metavar="key=value")
-    call.add_argument(
-        "-X",
-        "--method",
-        help="HTTP method (default: GET, or POST with --json)",
-    )
-    call.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="seconds to connect and between bytes read (default: 10)",
-    )
-    call.add_argument(
-        "--json",
-        action="store_true",
-        help="send the arguments as one JSON object; values that parse as JSON are sent parsed",
-    )
-    call.add_argument(
-        "-H",
-        "--header",
-        action="append",
-        default=[],
-        metavar="'NAME: VALUE'",
-        help="add a request header (repeatable)",
-    )
-    call.add_argument(
-        "--task-id", help="the task id, sent as Idempotency-Key (default: a random uuid4 hex)"
-    )
-    call.set_defaults(handler=_call)
+    _call_cli.add_arguments(call)
+    call.set_defaults(handler=_call_cli.run)
 
     serve = commands.add_parser(
         "serve",
@@ -119,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    # argparse cannot put key=value pairs on both sides of an option
-    # (``call URL a=1 -X POST b=2``); the pairs after it come back unrecognized.
+    # argparse cannot take key=value pairs on both sides of an option
+    # (``call URL a=1 -X POST b=2``): the pairs after it come back unrecognized.
     args, extra = parser.parse_known_args(argv)
     if extra:
         if args.command == "call" and not any(item.startswith("-") for item in extra):
@@ -147,6 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`dispatchkit demo | head`); say nothing more
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())  # so that flushing at exit is quiet
+            finally:
+                os.close(devnull)
+        return EXIT_FAILED
     return status
 
 
@@ -159,98 +120,6 @@ def _describe(exc: DispatchError) -> str:
     if isinstance(exc, RemoteExecuteError) and exc.status is not None:
         name += f" (HTTP {exc.status})"
     return f"{name}: {exc}"
-
-
-# -- call ---------------------------------------------------------------------------
-
-
-def _call(args: argparse.Namespace) -> int:
-    method = normalize_method(args.method or ("POST" if args.json else "GET"))
-    if args.json and method in QUERY_METHODS:
-        raise UsageError(f"--json needs a method with a body (POST, PUT, PATCH), not {method}")
-    arguments = parse_arguments(args.arguments, json_values=args.json)
-    headers = parse_headers(args.header)
-    task_id = args.task_id
-    if task_id is not None and not _TASK_ID.fullmatch(task_id):
-        raise UsageError(f"--task-id {task_id!r}: use 1 to 200 visible ASCII characters")
-    with Dispatcher(timeout=args.timeout) as dispatcher:
-        retval = dispatcher.apply(
-            args.url,
-            method,
-            arguments,
-            headers=headers or None,
-            task_id=task_id,
-            json=args.json,
-        )
-    _write_json(retval)
-    return EXIT_OK
-
-
-def parse_arguments(pairs: Sequence[str], *, json_values: bool = False) -> dict[str, Any]:
-    """``["x=1", "y=2", "y=3"]`` → ``{"x": "1", "y": ["2", "3"]}``: a repeated key is a list.
-
-    With ``json_values`` a value that parses as JSON is taken parsed (``x=1`` is
-    the number 1, ``tags=["a"]`` a list); any other value stays a string.
-    """
-    arguments: dict[str, Any] = {}
-    repeated: set[str] = set()
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"argument {pair!r} is not key=value")
-        value: Any = text
-        if json_values:
-            try:
-                value = orjson.loads(text)
-            except orjson.JSONDecodeError:
-                pass
-        if key in repeated:
-            arguments[key].append(value)
-        elif key in arguments:
-            arguments[key] = [arguments[key], value]
-            repeated.add(key)
-        else:
-            arguments[key] = value
-    return arguments
-
-
-def parse_headers(lines: Sequence[str]) -> dict[str, str]:
-    """``["Name: value", ...]`` → a dict; a repeated name joins its values with ``", "``."""
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        name, value = name.strip(), value.strip()
-        if not sep or not _TOKEN.fullmatch(name):
-            raise UsageError(f"header {line!r} is not 'Name: value'")
-        if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
-            raise UsageError(f"header {name!r}: the value holds a control character")
-        try:
-            value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise UsageError(f"header {name!r}: the value is not Latin-1 text") from None
-        # one spelling per name, so that "user-agent: x" replaces the default User-Agent
-        name = "-".join(part.capitalize() for part in name.split("-"))
-        if name == "Idempotency-Key":
-            raise UsageError("the Idempotency-Key header is the task id: use --task-id")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return headers
-
-
-def _write_json(value: Any) -> None:
-    data = orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
-    data += b"\n"
-    out = sys.stdout
-    buffer = getattr(out, "buffer", None)
-    out.flush()
-    if buffer is not None:  # UTF-8 whatever the locale says
-        buffer.write(data)
-        buffer.flush()
-    else:
-        out.write(data.decode())
-        out.flush()
-
-
-# -- plugins ------------------------------------------------------------------------
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -269,9 +138,6 @@ def _plugins(args: argparse.Namespace) -> int:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[3]]))
     return EXIT_OK
-
-
-# -- demo ---------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
