@@ -195,7 +195,14 @@ class TaskServer:
             name=f"dispatchkit-server-{self.port}",
             daemon=True,
         )
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            # No serve loop will run: shutdown() would wait for it forever.
+            with self._lock:
+                self._serving = False
+            self.stop()
+            raise
         return self
 
     def serve_forever(self) -> None:
