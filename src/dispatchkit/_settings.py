@@ -40,6 +40,14 @@ class Settings:
     ca_certs: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    #: ``"any"`` (default) or ``"public"``: refuse loopback, private, link-local and other
+    #: non-public addresses, checked on the address connected to (see docs/security.md).
+    egress: str = "any"
+    #: CIDRs and host names allowed whatever ``egress`` says.
+    egress_allow: tuple[str, ...] = ()
+    #: Redirects followed per attempt (0: none; a 3xx is an HTTPStatusError). Every hop
+    #: passes the egress policy; Authorization is dropped when the origin changes.
+    follow_redirects: int = 0
     #: Attempts per call, the first included; 1 turns retrying off.
     retry_attempts: int = 3
     #: Seconds a call may spend retrying, waits included; no retry starts past it.
@@ -73,6 +81,14 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"setting {name!r} must be a positive int, got {value!r}")
+        if self.egress not in ("any", "public"):
+            raise UsageError(f"setting 'egress' must be 'any' or 'public', got {self.egress!r}")
+        if isinstance(self.egress_allow, str):
+            raise UsageError("setting 'egress_allow' takes a list of CIDRs and host names")
+        object.__setattr__(self, "egress_allow", tuple(self.egress_allow))
+        follow = self.follow_redirects
+        if isinstance(follow, bool) or not isinstance(follow, int) or not 0 <= follow <= 30:
+            raise UsageError(f"setting 'follow_redirects' must be an int 0..30, got {follow!r}")
         if not isinstance(self.executor, str) or not self.executor:
             raise UsageError(f"setting 'executor' must be a name, got {self.executor!r}")
         if self.client_key is not None and self.client_cert is None:

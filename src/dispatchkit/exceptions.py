@@ -4,6 +4,7 @@
 
     DispatchError
     ├── UsageError                (a bad setting, method or URL; also a ValueError)
+    ├── EgressDenied              (the egress policy refused the destination)
     ├── EncodeError               (an argument cannot be encoded; also a TypeError)
     ├── TransportError            (nothing usable came back)
     │   ├── ConnectError          (also a builtin ConnectionError)
@@ -36,6 +37,7 @@ __all__ = [
     "ConnectError",
     "DispatchError",
     "DispatchTimeout",
+    "EgressDenied",
     "EncodeError",
     "HTTPStatusError",
     "InvalidResponseError",
@@ -134,6 +136,10 @@ def _rebuild(cls: type[DispatchError], state: dict[str, Any]) -> DispatchError:
 
 class UsageError(DispatchError, ValueError):
     """A setting, method or URL is wrong; nothing was sent."""
+
+
+class EgressDenied(DispatchError):
+    """The egress policy refused the destination's address; nothing was sent."""
 
 
 class EncodeError(DispatchError, TypeError):
@@ -253,6 +259,7 @@ _BY_NAME: dict[str, type[DispatchError]] = {
     for cls in (
         DispatchError,
         UsageError,
+        EgressDenied,
         EncodeError,
         TransportError,
         ConnectError,

@@ -15,8 +15,9 @@ import re
 import ssl
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import unquote
+from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
@@ -32,6 +33,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util import make_headers, parse_url
 
+from dispatchkit._egress import EgressPolicy, guarded_connection_classes
 from dispatchkit._models import Request, Response
 from dispatchkit._redact import mask_url
 from dispatchkit.exceptions import (
@@ -77,26 +79,52 @@ class PoolTransport:
             "cert_file": settings.client_cert,
             "key_file": settings.client_key,
         }
+        self._connection_classes = (
+            guarded_connection_classes(EgressPolicy(settings.egress_allow))
+            if settings.egress == "public"
+            else None
+        )
+        self._follow = settings.follow_redirects
         # origin ("https://user:pw@host:port") -> (pool, Authorization header or None), LRU order.
         self._pools: OrderedDict[str, tuple[HTTPConnectionPool, str | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
 
     def send(self, request: Request) -> Response:
-        match = _ORIGIN.match(request.url)
+        url, method, body = request.url, request.method, request.body
+        headers: Mapping[str, str] = request.headers
+        for hop in range(self._follow + 1):
+            raw = self._open(request, url, method, body, headers)
+            location = raw.headers.get("location")
+            if raw.status not in _REDIRECTS or not location or hop == self._follow:
+                break
+            self._read(raw, request)  # drain it, so that the connection is reused
+            url, method, body, headers = _redirected(
+                url, location, raw.status, method, body, headers
+            )
+        return Response(raw.status, raw.headers, self._read(raw, request))
+
+    def _open(
+        self,
+        request: Request,
+        url: str,
+        method: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+    ) -> BaseHTTPResponse:
+        match = _ORIGIN.match(url)
         if match is None:
-            raise UsageError(f"invalid URL {mask_url(request.url)!r}", request=request)
+            raise UsageError(f"invalid URL {mask_url(url)!r}", request=request)
         origin, target = match.group(1, 2)
         pool, auth = self._pool_for(origin, request)
-        headers = request.headers
-        if auth is not None and "Authorization" not in headers:
+        if auth is not None and not any(name.lower() == "authorization" for name in headers):
             headers = {**headers, "Authorization": auth}
         timeout = request.timeout
         try:
-            raw = pool.urlopen(
-                request.method,
+            return pool.urlopen(
+                method,
                 target if target.startswith("/") else "/" + target,
-                body=request.body,
+                body=body,
                 headers=headers,
                 retries=False,
                 redirect=False,
@@ -112,7 +140,6 @@ class PoolTransport:
             )
         except HTTPError as exc:
             _translate(exc, request)
-        return Response(raw.status, raw.headers, self._read(raw, request))
 
     def _pool_for(self, origin: str, request: Request) -> tuple[HTTPConnectionPool, str | None]:
         with self._lock:
@@ -144,8 +171,12 @@ class PoolTransport:
             pool: HTTPConnectionPool = HTTPSConnectionPool(
                 url.host, url.port, **self._pool_kw, **self._tls_kw
             )
-        else:
+        elif url.scheme == "http":
             pool = HTTPConnectionPool(url.host, url.port, **self._pool_kw)
+        else:
+            raise UsageError(f"unsupported scheme {url.scheme!r}", request=request)
+        if self._connection_classes is not None:
+            pool.ConnectionCls = self._connection_classes[url.scheme == "https"]
         return pool, auth
 
     def _read(self, raw: BaseHTTPResponse, request: Request) -> bytes:
@@ -196,6 +227,36 @@ class PoolTransport:
             self._pools.clear()
         for pool in pools:
             pool.close()
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def _redirected(
+    url: str,
+    location: str,
+    status: int,
+    method: str,
+    body: bytes | None,
+    headers: Mapping[str, str],
+) -> tuple[str, str, bytes | None, Mapping[str, str]]:
+    """The next hop of a redirect, as browsers and requests take it."""
+    target = urljoin(url, location)
+    if urlsplit(target).scheme not in SCHEMES:
+        raise UsageError(f"redirect to an unsupported scheme: {mask_url(target)!r}")
+    if status == 303 or (status in (301, 302) and method == "POST"):
+        method, body = ("HEAD" if method == "HEAD" else "GET"), None
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+    if _origin(target) != _origin(url):
+        # Credentials were meant for the first origin, not wherever it points.
+        headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIALS}
+    return target, method, body, headers
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
 
 
 def _translate(exc: HTTPError, request: Request) -> NoReturn:
