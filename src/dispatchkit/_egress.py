@@ -21,7 +21,6 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from dispatchkit.exceptions import EgressDenied, UsageError
@@ -79,7 +78,7 @@ class EgressPolicy:
         return f"EgressPolicy(public, allow={allowed})"
 
 
-def _guarded_new_conn(conn: Any, policy: EgressPolicy) -> socket.socket:
+def connect_guarded(conn: Any, policy: EgressPolicy) -> socket.socket:
     """Resolve, keep the allowed addresses, connect to one, check the peer: urllib3's contract."""
     host, port = conn._dns_host, conn.port
     try:
@@ -116,19 +115,3 @@ def _guarded_new_conn(conn: Any, policy: EgressPolicy) -> socket.socket:
             raise
         return sock
     raise NewConnectionError(conn, f"Failed to establish a new connection: {last}")
-
-
-def guarded_connection_classes(
-    policy: EgressPolicy,
-) -> tuple[type[HTTPConnection], type[HTTPSConnection]]:
-    """Connection classes for urllib3 pools that connect only where ``policy`` allows."""
-
-    class GuardedHTTPConnection(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return _guarded_new_conn(self, policy)
-
-    class GuardedHTTPSConnection(HTTPSConnection):
-        def _new_conn(self) -> socket.socket:
-            return _guarded_new_conn(self, policy)
-
-    return GuardedHTTPConnection, GuardedHTTPSConnection

@@ -36,7 +36,10 @@ def _scalar(name: str, value: object) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)):
-        return str(value)
+        try:
+            return str(value)
+        except ValueError as exc:  # an int past sys.get_int_max_str_digits()
+            raise EncodeError(f"argument {name!r}: {exc}", argument=name) from exc
     raise EncodeError(
         f"argument {name!r}: a {type(value).__name__} cannot be form-encoded; "
         "pass str, int, float, bool or a list of them (or send a JSON body)",
@@ -76,7 +79,22 @@ def merge_query(url: str, pairs: Pairs) -> str:
 
 def _urlencode(pairs: Pairs) -> str:
     # urlencode() without its type dispatch: every value here is already a str.
-    return "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in pairs)
+    try:
+        return "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in pairs)
+    except UnicodeEncodeError as exc:
+        name = next(k for k, v in pairs if not _utf8(k) or not _utf8(v))
+        raise EncodeError(
+            f"argument {name!r} is not valid Unicode text (a lone surrogate?): {exc.reason}",
+            argument=name,
+        ) from exc
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def form_body(pairs: Pairs) -> bytes:

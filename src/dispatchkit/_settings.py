@@ -26,6 +26,9 @@ class Settings:
 
     #: Seconds allowed to connect, to wait for a pooled connection, and between bytes read.
     timeout: float = 10.0
+    #: Seconds one attempt may take in all (connect, TLS, send, headers, body), however
+    #: the server trickles its bytes; ``None``: six times ``timeout``.
+    deadline: float | None = None
     #: Keep-alive connections kept per host; also the most opened at once per host.
     pool_maxsize: int = 10
     #: Keep connections open between calls; ``False`` sends ``Connection: close`` and opens
@@ -73,6 +76,12 @@ class Settings:
                 raise UsageError(f"setting {name!r} must be a number of seconds, got {value!r}")
             if not (value > 0 and math.isfinite(value)):
                 raise UsageError(f"setting {name!r} must be positive and finite, got {value!r}")
+        if self.deadline is not None and (
+            isinstance(self.deadline, bool)
+            or not isinstance(self.deadline, (int, float))
+            or not 0 < self.deadline < math.inf
+        ):
+            raise UsageError(f"setting 'deadline' must be positive seconds, got {self.deadline!r}")
         if isinstance(self.retry_backoff, bool) or not (
             isinstance(self.retry_backoff, (int, float)) and 0 <= self.retry_backoff < math.inf
         ):

@@ -12,8 +12,10 @@ urllib3 error is translated here, once, into the dispatchkit hierarchy.
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -21,7 +23,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
+    ClosedPoolError,
     ConnectTimeoutError,
     EmptyPoolError,
     HTTPError,
@@ -33,9 +37,10 @@ from urllib3.exceptions import (
 )
 from urllib3.util import make_headers, parse_url
 
-from dispatchkit._egress import EgressPolicy, guarded_connection_classes
+from dispatchkit._egress import EgressPolicy, connect_guarded
 from dispatchkit._models import Request, Response
 from dispatchkit._redact import mask_url
+from dispatchkit._watchdog import Watchdog
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchTimeout,
@@ -79,11 +84,10 @@ class PoolTransport:
             "cert_file": settings.client_cert,
             "key_file": settings.client_key,
         }
-        self._connection_classes = (
-            guarded_connection_classes(EgressPolicy(settings.egress_allow))
-            if settings.egress == "public"
-            else None
-        )
+        self._watchdog = Watchdog()
+        policy = EgressPolicy(settings.egress_allow) if settings.egress == "public" else None
+        self._connection_classes = _connection_classes(self._watchdog, policy)
+        self._deadline = settings.deadline
         self._follow = settings.follow_redirects
         # origin ("https://user:pw@host:port") -> (pool, Authorization header or None), LRU order.
         self._pools: OrderedDict[str, tuple[HTTPConnectionPool, str | None]] = OrderedDict()
@@ -91,18 +95,42 @@ class PoolTransport:
         self._closed = False
 
     def send(self, request: Request) -> Response:
-        url, method, body = request.url, request.method, request.body
-        headers: Mapping[str, str] = request.headers
-        for hop in range(self._follow + 1):
-            raw = self._open(request, url, method, body, headers)
-            location = raw.headers.get("location")
-            if raw.status not in _REDIRECTS or not location or hop == self._follow:
-                break
-            self._read(raw, request)  # drain it, so that the connection is reused
-            url, method, body, headers = _redirected(
-                url, location, raw.status, method, body, headers
-            )
-        return Response(raw.status, raw.headers, self._read(raw, request))
+        total = self._deadline or DEADLINE_FACTOR * request.timeout
+        attempt = _Attempt(time.monotonic() + total)
+        _current.attempt = attempt
+        try:
+            url, method, body = request.url, request.method, request.body
+            headers: Mapping[str, str] = request.headers
+            for hop in range(self._follow + 1):
+                raw = self._open(request, url, method, body, headers)
+                location = raw.headers.get("location")
+                if raw.status not in _REDIRECTS or not location or hop == self._follow:
+                    break
+                self._read(raw, request, attempt)  # drained, so that the connection is reused
+                url, method, body, headers = _redirected(
+                    url, location, raw.status, method, body, headers
+                )
+            body = self._read(raw, request, attempt)
+            if time.monotonic() >= attempt.deadline:
+                # The watchdog may have cut the answer short anywhere, even where
+                # http.client takes the cut for a complete (empty) answer.
+                raise TransportError("the answer was cut off", request=request)
+            if not body and _unframed(raw, method):
+                raise TransportError(
+                    "connection closed before a complete answer (no Content-Length, "
+                    "no chunked body, nothing read)",
+                    request=request,
+                )
+            return Response(raw.status, raw.headers, body)
+        except TransportError as exc:
+            if time.monotonic() >= attempt.deadline:
+                raise DispatchTimeout(
+                    f"attempt ran past its total deadline of {total:g}s", request=request
+                ) from exc
+            raise
+        finally:
+            _current.attempt = None
+            attempt.release(self._watchdog)
 
     def _open(
         self,
@@ -175,11 +203,10 @@ class PoolTransport:
             pool = HTTPConnectionPool(url.host, url.port, **self._pool_kw)
         else:
             raise UsageError(f"unsupported scheme {url.scheme!r}", request=request)
-        if self._connection_classes is not None:
-            pool.ConnectionCls = self._connection_classes[url.scheme == "https"]
+        pool.ConnectionCls = self._connection_classes[url.scheme == "https"]
         return pool, auth
 
-    def _read(self, raw: BaseHTTPResponse, request: Request) -> bytes:
+    def _read(self, raw: BaseHTTPResponse, request: Request, attempt: _Attempt) -> bytes:
         limit = self._limit
         try:
             length = raw.length_remaining
@@ -201,6 +228,9 @@ class PoolTransport:
             raw.close()  # unread bytes make the connection unusable: drop it
             raise
         finally:
+            # Unwatched before the connection goes back: the next user must not inherit
+            # this attempt's deadline.
+            attempt.release(self._watchdog)
             raw.release_conn()
         return body
 
@@ -227,6 +257,82 @@ class PoolTransport:
             self._pools.clear()
         for pool in pools:
             pool.close()
+        self._watchdog.close()
+
+
+def _unframed(raw: BaseHTTPResponse, method: str) -> bool:
+    """An HTTP/1.1 answer that should have a body but says nothing of its length.
+
+    http.client takes a head cut off by the peer closing ("HTTP/1.1 200 O", EOF)
+    for a complete answer whose empty body ends at the close; a real HTTP/1.1
+    server that sends a body frames it.
+    """
+    headers = raw.headers
+    return (
+        raw.version == 11
+        and method != "HEAD"
+        and raw.status >= 200
+        and raw.status not in (204, 304)
+        and "content-length" not in headers
+        and "transfer-encoding" not in headers
+    )
+
+
+#: Without a ``deadline`` setting, an attempt may last this many times its ``timeout``.
+DEADLINE_FACTOR = 6
+
+_current = threading.local()
+
+
+class _Attempt:
+    """The deadline of one attempt and the watchdog tokens of the sockets it used."""
+
+    __slots__ = ("deadline", "tokens")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.tokens: list[int] = []
+
+    def release(self, watchdog: Watchdog) -> None:
+        while self.tokens:
+            watchdog.unwatch(self.tokens.pop())
+
+
+def _watch(watchdog: Watchdog, sock: socket.socket | None) -> None:
+    attempt: _Attempt | None = getattr(_current, "attempt", None)
+    if attempt is not None and sock is not None:
+        attempt.tokens.append(watchdog.watch(sock, attempt.deadline))
+
+
+class _Watched:
+    """Mixin for urllib3 connections: the watchdog bounds their sockets; ``_policy`` guards them."""
+
+    _watchdog: Watchdog
+    _policy: EgressPolicy | None
+    sock: socket.socket | None
+
+    def _new_conn(self) -> socket.socket:
+        if self._policy is None:
+            sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        else:
+            sock = connect_guarded(self, self._policy)
+        _watch(self._watchdog, sock)  # before the TLS handshake, which the deadline bounds too
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watch(self._watchdog, self.sock)  # a reused connection: no _new_conn this time
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+def _connection_classes(
+    watchdog: Watchdog, policy: EgressPolicy | None
+) -> tuple[type[HTTPConnection], type[HTTPSConnection]]:
+    """urllib3 connection classes bound to this transport's watchdog and egress policy."""
+    attributes = {"_watchdog": watchdog, "_policy": policy}
+    return (
+        type("WatchedHTTPConnection", (_Watched, HTTPConnection), attributes),
+        type("WatchedHTTPSConnection", (_Watched, HTTPSConnection), attributes),
+    )
 
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -271,6 +377,9 @@ def _translate(exc: HTTPError, request: Request) -> NoReturn:
         ) from exc
     if isinstance(exc, ReadTimeoutError):
         raise DispatchTimeout(f"read timed out after {request.timeout}s", request=request) from exc
+    if isinstance(exc, ClosedPoolError):
+        # Its pool was evicted (max_pools) before the request left: safe to retry.
+        raise ConnectError("connection pool was closed before use", request=request) from exc
     if isinstance(exc, EmptyPoolError):
         raise DispatchTimeout(
             f"no pooled connection became free within {request.timeout}s", request=request
