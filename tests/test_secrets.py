@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dispatchkit import URL, Dispatcher, DispatchError
+from dispatchkit import URL, Dispatcher, DispatchError, hookimpl
 from dispatchkit._cli import main
 
 PASSWORD = "pw-8c1f0e"
@@ -93,3 +93,28 @@ def test_cli_errors_mask_secrets(peer: str, capsys: pytest.CaptureFixture[str]) 
     for secret in SECRETS:
         assert secret not in captured.err
         assert secret not in captured.out
+
+
+def test_settings_repr_masks_plugin_secrets() -> None:
+    with Dispatcher(
+        plugins=[_Reads("celery_broker", "api_token")],
+        celery_broker=f"redis://:{PASSWORD}@127.0.0.1:6379/0",
+        api_token=TOKEN,
+    ) as d:
+        shown = repr(d.settings)
+    assert "celery_broker" in shown
+    for secret in SECRETS:
+        assert secret not in shown
+
+
+class _Reads:
+    """A plugin that claims the given settings, as a real plugin would."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self.name = "reads-" + "-".join(names)
+
+    @hookimpl
+    def dispatchkit_configure(self, dispatcher: Dispatcher) -> None:
+        for name in self.names:
+            dispatcher.settings.extra(name)

@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 MASK = "***"
 
 # Query keys whose values are credentials often enough that they never go into a message.
-_SECRET_KEY = re.compile(
+SECRET_NAME = _SECRET_KEY = re.compile(
     r"(pass|secret|token|key|sig|auth|credential|session|cookie|code)", re.IGNORECASE
 )
 

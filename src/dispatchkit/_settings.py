@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from dispatchkit._redact import SECRET_NAME, mask_url
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import UsageError
 
@@ -69,6 +70,16 @@ class Settings:
     _read: set[str] = field(default_factory=set, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        shown = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if not f.name.startswith("_") and f.name != "extras"
+        }
+        # A plugin's secret (signing_secret=...) may be among the extras: never show one.
+        shown["extras"] = {name: _masked(name, value) for name, value in self.extras.items()}
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     def __post_init__(self) -> None:
         for name in ("timeout", "retry_max_time", "retry_after_cap"):
             value = getattr(self, name)
@@ -119,3 +130,11 @@ class Settings:
     def unread_extras(self) -> list[str]:
         with self._lock:
             return sorted(set(self.extras) - self._read)
+
+
+def _masked(name: str, value: Any) -> Any:
+    if SECRET_NAME.search(name):
+        return "***"
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)  # a broker URL's password
+    return value

@@ -12,15 +12,18 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Codec, Envelope
 from dispatchkit.server._convert import ArgumentError, FormValues, TaskSpec
 from dispatchkit.server._gateway import Gateway, GatewayError, forwarded, route, task_id_from
 from dispatchkit.server._serve import TaskServer
+from dispatchkit.server._signing import REPLAY_MAX, CallbackSigner, Refused, RequestVerifier
+from dispatchkit.signing import signs_body
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-    from dispatchkit._dispatcher import Dispatcher
+    from dispatchkit.signing import SecretInput
 
 __all__ = ["TaskApp"]
 
@@ -38,6 +41,8 @@ _FORM = "application/x-www-form-urlencoded"
 _JSON = "application/json"
 # a bound on keys per query string or form body, so parsing cannot be made to run away
 _MAX_FIELDS = 1000
+# the body, once read for the signature check, for the arguments to reuse
+_BODY_KEY = "dispatchkit.body"
 
 
 class _Failure(Exception):
@@ -69,6 +74,15 @@ class TaskApp:
     request reached, from the WSGI environ, never the Host header);
     ``/<id>/status`` and ``/<id>/done`` read the result, kept for at most
     ``results_max`` calls and ``results_max_age`` seconds.
+
+    ``signing_secret`` (``"whsec_<base64>"``, raw ``bytes``, or a list of them
+    during a key rotation) makes every task request and every ``/apply`` carry
+    a valid Standard Webhooks signature (``docs/security.md``): one that is
+    missing, wrong, or whose timestamp is more than ``signing_tolerance``
+    seconds off answers 401 and runs nothing, and so does a ``webhook-id``
+    already accepted within that window (at most ``signing_replay_max`` ids
+    are remembered; beyond that new requests get 503 until some expire). The
+    gateway's own Dispatcher then signs its calls back to the app.
     """
 
     def __init__(
@@ -81,17 +95,34 @@ class TaskApp:
         callback_url: str | None = None,
         results_max: int = _RESULTS_MAX,
         results_max_age: float = _RESULTS_MAX_AGE,
+        signing_secret: SecretInput | None = None,
+        signing_tolerance: float = 300.0,
+        signing_replay_max: int = REPLAY_MAX,
     ) -> None:
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must not be negative")
+        self._verifier: RequestVerifier | None = None
+        self._own_dispatcher: Dispatcher | None = None
+        if signing_secret is not None:
+            self._verifier = RequestVerifier(signing_secret, signing_tolerance, signing_replay_max)
+            if gateway and dispatcher is None:
+                # the gateway's calls back to this app must be signed too
+                dispatcher = Dispatcher(plugins=[CallbackSigner(self._verifier.keys)])
+                self._own_dispatcher = dispatcher
+        elif (signing_tolerance, signing_replay_max) != (300.0, REPLAY_MAX):
+            raise ValueError("signing_tolerance and signing_replay_max need signing_secret")
         self._gateway: Gateway | None = None
         if gateway:
-            self._gateway = Gateway(
-                dispatcher=dispatcher,
-                callback_url=callback_url,
-                results_max=results_max,
-                results_max_age=results_max_age,
-            )
+            try:
+                self._gateway = Gateway(
+                    dispatcher=dispatcher,
+                    callback_url=callback_url,
+                    results_max=results_max,
+                    results_max_age=results_max_age,
+                )
+            except BaseException:
+                self.close()  # the Dispatcher made above for signed callbacks
+                raise
         elif (dispatcher, callback_url, results_max, results_max_age) != (
             None, None, _RESULTS_MAX, _RESULTS_MAX_AGE,
         ):  # fmt: skip
@@ -172,6 +203,8 @@ class TaskApp:
         """
         if self._gateway is not None:
             self._gateway.close()
+        if self._own_dispatcher is not None:
+            self._own_dispatcher.close()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         """The WSGI entry point."""
@@ -206,11 +239,27 @@ class TaskApp:
             )
 
     def _route(self, method: str, environ: WSGIEnvironment) -> Envelope | bytes:
+        path = str(environ.get("PATH_INFO", ""))
         if self._gateway is not None:
-            found = route(str(environ.get("PATH_INFO", "")))
+            found = route(path)
             if found is not None:
+                if found.action == "apply":
+                    self._verify(method, environ)
                 return self._gateway_answer(self._gateway, method, environ, *found)
+        if path not in ("", "/"):  # the index only lists the task names
+            self._verify(method, environ)
         return self._dispatch(method, environ)
+
+    def _verify(self, method: str, environ: WSGIEnvironment) -> None:
+        if self._verifier is None:
+            return
+        body = None
+        if signs_body(method):
+            body = environ[_BODY_KEY] = self._read_body(environ)
+        try:
+            self._verifier.verify(method, environ, body)
+        except Refused as refused:
+            raise _Failure(refused.status, refused.reason, refused.headers) from None
 
     def _gateway_answer(
         self, gateway: Gateway, method: str, environ: WSGIEnvironment, action: str, arg: str
@@ -223,12 +272,16 @@ class TaskApp:
                 received: dict[str, object] = dict(_query_arguments(environ))
                 if method == "POST":
                     received.update(self._body_arguments(environ))
+                task_id = task_id_from(environ.get("HTTP_IDEMPOTENCY_KEY"))
+                if self._verifier is not None:
+                    # the call back to the task may carry this apply's webhook-id
+                    self._verifier.replay.allow_follow_up(task_id, f"/{arg}")
                 answer = gateway.apply(
                     arg,
                     method,
                     forwarded(received),
                     json=method == "POST" and _is_json(_media_type(environ)),
-                    task_id=task_id_from(environ.get("HTTP_IDEMPOTENCY_KEY")),
+                    task_id=task_id,
                     environ=environ,
                 )
             else:
@@ -296,6 +349,9 @@ class TaskApp:
         )
 
     def _read_body(self, environ: WSGIEnvironment) -> bytes:
+        read: bytes | None = environ.get(_BODY_KEY)
+        if read is not None:
+            return read
         limit = self.max_body_bytes
         too_large = _Failure(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body exceeds {limit} bytes"

@@ -1,0 +1,189 @@
+"""TaskApp's side of Standard Webhooks: verify each request, refuse replays.
+
+The HMAC scheme itself is :mod:`dispatchkit.signing`, shared with the sender
+(the ``dispatchkit-signing`` plugin), which this module never imports: a
+TaskApp verifies signatures whether or not that plugin is installed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+import time
+from collections.abc import Iterable
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from dispatchkit.hookspecs import hookimpl
+from dispatchkit.signing import (
+    DEFAULT_TOLERANCE,
+    SecretInput,
+    SignatureError,
+    SigningKeys,
+    check,
+    sign_request,
+    signs_body,
+)
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+
+    from dispatchkit._models import Request
+
+__all__ = ["REPLAY_MAX", "CallbackSigner", "Refused", "ReplayCache", "RequestVerifier"]
+
+#: Ids remembered at most. Only requests with a valid signature add one, so only
+#: a key holder can fill it: 100,000 is ~330 signed requests a second, sustained
+#: over the default 300 s window, for some tens of MB at most.
+REPLAY_MAX = 100_000
+# The signature headers as WSGI names them, and the names verification looks them up by.
+_ENVIRON_HEADERS = {
+    "HTTP_WEBHOOK_ID": "webhook-id",
+    "HTTP_WEBHOOK_TIMESTAMP": "webhook-timestamp",
+    "HTTP_WEBHOOK_SIGNATURE": "webhook-signature",
+}
+
+
+class Refused(Exception):
+    """The request may not run: answer ``status`` with a failure envelope carrying ``reason``."""
+
+    def __init__(
+        self, status: HTTPStatus, reason: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class ReplayCache:
+    """The ``webhook-id`` of every accepted request, until its timestamp is stale anyway.
+
+    An id is kept until ``timestamp + tolerance``: after that the timestamp
+    check refuses the message, so the id need not be remembered. At most
+    ``max_entries`` ids are kept; when that many are still live, a new id is
+    **refused** (503 with ``Retry-After``), never admitted by forgetting an
+    older one: evicting would silently reopen the replay window of the evicted
+    id, while refusing only delays a sender that is retrying anyway.
+    """
+
+    def __init__(self, max_entries: int = REPLAY_MAX) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"signing_replay_max must be a positive int, got {max_entries!r}")
+        self.max_entries = max_entries
+        self._expires: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []  # (expiry, id), stale pairs included
+        self._follow_up: dict[str, str] = {}  # id -> the one path it may still call
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._expires)
+
+    def add(self, msg_id: str, expires: float, path: str, now: float) -> None:
+        """Remember ``msg_id`` until ``expires``; raise :class:`Refused` for an id seen before."""
+        with self._lock:
+            self._purge(now)
+            if msg_id in self._expires:
+                if self._follow_up.get(msg_id) != path:
+                    raise Refused(HTTPStatus.UNAUTHORIZED, "replayed webhook-id: already received")
+                del self._follow_up[msg_id]
+                expires = max(expires, self._expires[msg_id])
+            elif len(self._expires) >= self.max_entries:
+                wait = math.ceil(self._heap[0][0] - now) if self._heap else 1
+                raise Refused(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "too many signed requests in the replay window; try again later",
+                    [("Retry-After", str(max(1, wait)))],
+                )
+            self._expires[msg_id] = expires
+            heapq.heappush(self._heap, (expires, msg_id))
+
+    def allow_follow_up(self, msg_id: str, path: str) -> None:
+        """Let one more request with ``msg_id`` reach ``path`` (the gateway's own callback)."""
+        with self._lock:
+            if msg_id in self._expires:
+                self._follow_up[msg_id] = path
+
+    def _purge(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] < now:
+            expires, msg_id = heapq.heappop(heap)
+            if self._expires.get(msg_id) == expires:
+                del self._expires[msg_id]
+                self._follow_up.pop(msg_id, None)
+
+
+class RequestVerifier:
+    """Verifies the Standard Webhooks headers of WSGI requests for a TaskApp."""
+
+    def __init__(
+        self,
+        secret: SecretInput,
+        tolerance: float = DEFAULT_TOLERANCE,
+        replay_max: int = REPLAY_MAX,
+    ) -> None:
+        self.keys = SigningKeys.parse(secret)
+        if isinstance(tolerance, bool) or not (
+            isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf
+        ):
+            raise ValueError(
+                f"signing_tolerance must be a positive, finite number of seconds, got {tolerance!r}"
+            )
+        self.tolerance = float(tolerance)
+        self.replay = ReplayCache(replay_max)
+
+    def __repr__(self) -> str:
+        return f"<RequestVerifier {self.keys!r} tolerance={self.tolerance:g}s>"
+
+    def verify(self, method: str, environ: WSGIEnvironment, body: bytes | None) -> None:
+        """Accept the request or raise :class:`Refused`; an accepted id is remembered.
+
+        ``body`` is the raw body of a POST, PUT or PATCH (the signed payload);
+        other methods sign the raw query string. A signed POST may not carry a
+        query string as well, since nothing would authenticate its arguments.
+        """
+        query = str(environ.get("QUERY_STRING") or "")
+        with_body = signs_body(method)
+        payload = (body or b"") if with_body else _environ_bytes(query)
+        headers = {
+            name: str(environ[key]) for key, name in _ENVIRON_HEADERS.items() if key in environ
+        }
+        now = time.time()
+        try:
+            msg_id, timestamp = check(headers, payload, self.keys, self.tolerance, now)
+        except SignatureError as exc:
+            raise Refused(HTTPStatus.UNAUTHORIZED, exc.message) from None
+        if with_body and query:
+            raise Refused(
+                HTTPStatus.BAD_REQUEST,
+                f"a signed {method} carries its arguments in the body: "
+                "its query string would not be covered by the signature",
+            )
+        path = str(environ.get("PATH_INFO") or "")
+        self.replay.add(msg_id, timestamp + self.tolerance, path, now)
+
+
+class CallbackSigner:
+    """Signs the calls a TaskApp's own gateway Dispatcher makes back to the app."""
+
+    name = "signing"
+
+    def __init__(self, keys: SigningKeys) -> None:
+        self.keys = keys
+
+    def __repr__(self) -> str:
+        return f"<CallbackSigner {self.keys!r}>"
+
+    @hookimpl
+    def dispatchkit_prepare_request(self, request: Request) -> None:
+        sign_request(request, self.keys)
+
+
+def _environ_bytes(text: str) -> bytes:
+    # PEP 3333: the raw bytes of the request line arrive as latin-1 characters.
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # a server that decoded them as UTF-8
+        return text.encode("utf-8")
