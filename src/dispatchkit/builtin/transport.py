@@ -11,6 +11,7 @@ urllib3 error is translated here, once, into the dispatchkit hierarchy.
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import ssl
@@ -18,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
@@ -304,9 +305,48 @@ def _watch(watchdog: Watchdog, sock: socket.socket | None) -> None:
         attempt.tokens.append(watchdog.watch(sock, attempt.deadline))
 
 
+class _HeadReader:
+    """Reads an answer's head for http.client, refusing a head that the peer cut off.
+
+    http.client takes a line that ends at EOF, or a header block that ends at
+    EOF without its blank line, for complete: "HTTP/1.1 200 O" then a close
+    would pass for an empty 200. Every line but the status line's EOF (which
+    http.client reports itself) must end in a newline here.
+    """
+
+    __slots__ = ("_fp", "_lines")
+
+    def __init__(self, fp: Any) -> None:
+        self._fp = fp
+        self._lines = 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        line: bytes = self._fp.readline(limit)
+        self._lines += 1
+        cut = not line.endswith(b"\n") and (limit < 0 or len(line) < limit)
+        if cut and (line or self._lines > 1):
+            raise http.client.IncompleteRead(line)
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fp, name)
+
+
+class _StrictHeadResponse(http.client.HTTPResponse):
+    def begin(self) -> None:
+        fp = self.fp
+        self.fp = reader = _HeadReader(fp)  # type: ignore[assignment]
+        try:
+            super().begin()
+        finally:
+            if cast(Any, self.fp) is reader:
+                self.fp = fp
+
+
 class _Watched:
     """Mixin for urllib3 connections: the watchdog bounds their sockets; ``_policy`` guards them."""
 
+    response_class = _StrictHeadResponse
     _watchdog: Watchdog
     _policy: EgressPolicy | None
     sock: socket.socket | None
