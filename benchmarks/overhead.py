@@ -3,7 +3,8 @@
 ``python benchmarks/overhead.py [--calls N] [--rounds R]`` starts ``target.py``
 in its own process, then alternates rounds of each client (so that drift on a
 shared machine hits both alike) and prints the median microseconds per call.
-The full comparison against every peer is the benchmark suite's job.
+It runs with every installed plugin. The full comparison against every peer,
+with the entry-point plugins off, is ``python -m benchmarks`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations

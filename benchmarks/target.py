@@ -1,68 +1,286 @@
-"""A minimal keep-alive HTTP/1.1 server answering one success envelope, fast.
+"""The target: a minimal, fast keep-alive HTTP/1.1 server answering one success envelope.
 
-Run as its own process so that the client under test has the CPU to itself:
-``python benchmarks/target.py [--port 0]`` prints ``LISTENING http://127.0.0.1:<port>``.
-It parses just enough HTTP (request line, headers, Content-Length body) to be
-a correct peer for sequential keep-alive clients; it is not a general server.
+It runs in its own process (or processes) so that the clients under test keep
+their CPU::
+
+    python -m benchmarks.target [--host H] [--port P] [--tls-port P --cert PEM --key PEM]
+                                [--workers N]
+
+Once bound it prints ``LISTENING http://H:P [https://H:P]`` and it stops when
+its stdin closes, so it never outlives the benchmark. ``GET /stats`` answers
+``{"connections": N, "requests": M}``: connections accepted and requests
+answered since start, over every worker and both schemes; the suite reads it
+to count the connections each client opens. Only enough HTTP is parsed
+(request line, headers, Content-Length) to be a correct peer for keep-alive
+clients, pipelining and ``Connection: close``; this is not a general server.
+
+Every connection is served by one thread with ``selectors`` (see
+:class:`Server` for why not threads or asyncio). ``--workers N`` forks N
+processes sharing the listening sockets, their counters in shared memory; one
+is enough on a two-core machine, where the client and the server have a core
+each.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import mmap
+import os
+import selectors
+import signal
+import socket
+import ssl
+import struct
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 BODY = b'{"status":"success","retval":100}'
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-    b"Content-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
-)
-CLOSE_RESPONSE = RESPONSE.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+RESPONSE = HEAD % len(BODY) + b"\r\n" + BODY
+CLOSE_RESPONSE = HEAD % len(BODY) + b"Connection: close\r\n\r\n" + BODY
+SLOT = struct.Struct("QQ")  # connections, requests: one slot per worker in shared memory
 
 
-class EnvelopeProtocol(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+class Counters:
+    """Per-worker counters in anonymous shared memory, summed by ``/stats``."""
+
+    def __init__(self, workers: int) -> None:
+        self.memory = mmap.mmap(-1, SLOT.size * workers)
+        self.workers = workers
+        self.slot = 0
+        self.connections = self.requests = 0
+
+    def publish(self) -> None:
+        SLOT.pack_into(self.memory, self.slot * SLOT.size, self.connections, self.requests)
+
+    def total(self) -> tuple[int, int]:
+        self.publish()
+        connections = requests = 0
+        for i in range(self.workers):
+            c, r = SLOT.unpack_from(self.memory, i * SLOT.size)
+            connections += c
+            requests += r
+        return connections, requests
+
+
+def answer(buffer: bytes, counters: Counters) -> tuple[list[bytes], bytes, bool]:
+    """The responses to every complete request in ``buffer``, the rest, and whether to close."""
+    out: list[bytes] = []
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return out, buffer, False
+        head = buffer[:end].lower()
+        length = 0
+        at = head.find(b"\r\ncontent-length:")
+        if at >= 0:
+            stop = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17 : stop if stop >= 0 else None])
+        if len(buffer) < end + 4 + length:
+            return out, buffer, False
+        buffer = buffer[end + 4 + length :]
+        counters.requests += 1
+        if head.startswith(b"get /stats"):
+            connections, requests = counters.total()
+            body = b'{"connections":%d,"requests":%d}' % (connections, requests)
+            out.append(HEAD % len(body) + b"\r\n" + body)
+        elif b"\r\nconnection: close" in head:
+            out.append(CLOSE_RESPONSE)
+            return out, b"", True
+        else:
+            out.append(RESPONSE)
+
+
+class Connection:
+    """One client connection's state: TLS handshake, unparsed input, unsent output."""
+
+    __slots__ = ("buffer", "closing", "handshaking", "outgoing", "sock")
+
+    def __init__(self, sock: socket.socket, tls: bool) -> None:
+        self.sock = sock
+        self.handshaking = tls
         self.buffer = b""
+        self.outgoing = b""
+        self.closing = False
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+
+class Server:
+    """Every connection on one thread, with ``selectors``: all clients are served alike.
+
+    (A thread per connection made each client's speed depend on where the
+    scheduler put *its* server thread; asyncio's TLS layer stalled 40 ms on
+    some new connections.) TLS sockets are read until ``SSLWantReadError``,
+    because decrypted bytes can wait inside the SSL object with nothing left
+    on the socket for ``select`` to see.
+    """
+
+    def __init__(
+        self, listeners: list[tuple[socket.socket, ssl.SSLContext | None]], counters: Counters
+    ) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.counters = counters
+        for listener, context in listeners:
+            listener.setblocking(False)
+            self.selector.register(listener, selectors.EVENT_READ, context)
+
+    def run(self, running: Callable[[], bool]) -> None:
+        while running():
+            for key, events in self.selector.select(0.5):
+                if isinstance(key.data, Connection):
+                    self._serve(key.data, events)
+                else:
+                    assert isinstance(key.fileobj, socket.socket)
+                    self._accept(key.fileobj, key.data)
+
+    def _accept(self, listener: socket.socket, context: ssl.SSLContext | None) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another worker took it
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.counters.connections += 1
+        self.counters.publish()
+        conn = Connection(sock, context is not None)
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+        if conn.handshaking:
+            self._serve(conn, selectors.EVENT_READ)
+
+    def _serve(self, conn: Connection, events: int) -> None:
+        try:
+            if conn.handshaking and not self._handshake(conn):
                 return
-            head = self.buffer[:end].lower()
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                if line.startswith(b"content-length:"):
-                    length = int(line[15:])
-            if len(self.buffer) < end + 4 + length:
+            if events & selectors.EVENT_READ:
+                self._read(conn)
+            if conn.outgoing:
+                self._write(conn)
+        except (OSError, ValueError):
+            conn.closing, conn.outgoing = True, b""  # gone, or sent what we do not parse
+        if conn.closing and not conn.outgoing:
+            self.selector.unregister(conn.sock)
+            conn.sock.close()
+        else:
+            wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outgoing else 0)
+            if self.selector.get_key(conn.sock).events != wanted:
+                self.selector.modify(conn.sock, wanted, conn)
+
+    def _handshake(self, conn: Connection) -> bool:
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLWantWriteError:
+            self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            return False
+        conn.handshaking = False
+        return True
+
+    def _read(self, conn: Connection) -> None:
+        while not conn.closing:
+            try:
+                data = conn.sock.recv(65536)
+            except (ssl.SSLWantReadError, BlockingIOError):
                 return
-            self.buffer = self.buffer[end + 4 + length :]
-            if b"connection: close" in head:
-                self.transport.write(CLOSE_RESPONSE)
-                self.transport.close()
+            except ssl.SSLWantWriteError:
                 return
-            self.transport.write(RESPONSE)
+            if not data:
+                conn.closing = True
+                return
+            out, conn.buffer, close = answer(conn.buffer + data, self.counters)
+            if out:
+                self.counters.publish()
+                conn.outgoing += b"".join(out)
+                self._write(conn)
+            conn.closing = close
+
+    def _write(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outgoing)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            return
+        conn.outgoing = conn.outgoing[sent:]
 
 
-async def serve(host: str, port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(EnvelopeProtocol, host, port, backlog=1024)
-    bound = server.sockets[0].getsockname()[1]
-    print(f"LISTENING http://{host}:{bound}", flush=True)
-    # Stop when the parent closes our stdin: the server never outlives the benchmark.
-    await loop.run_in_executor(None, sys.stdin.read)
-    server.close()
+def serve(
+    listeners: list[tuple[socket.socket, ssl.SSLContext | None]],
+    counters: Counters,
+    running: Callable[[], bool],
+) -> None:
+    Server(listeners, counters).run(running)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def run_forked(
+    listeners: list[tuple[socket.socket, ssl.SSLContext | None]], counters: Counters, workers: int
+) -> None:
+    """Fork ``workers`` servers sharing the sockets; stop them all when stdin closes."""
+    parent = os.getpid()
+    children: list[int] = []
+    for slot in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                counters.slot = slot
+                signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+                serve(listeners, counters, lambda: os.getppid() == parent)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    try:
+        sys.stdin.read()
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            deadline = time.monotonic() + 5
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.02)
+
+
+def wait_for_eof(stdin_open: threading.Event) -> None:
+    sys.stdin.read()
+    stdin_open.clear()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    parser.add_argument("--tls-port", type=int, default=None, help="also serve HTTPS here")
+    parser.add_argument("--cert", help="PEM certificate chain for HTTPS")
+    parser.add_argument("--key", help="PEM private key for HTTPS")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    counters = Counters(max(args.workers, 1))
+    listeners: list[tuple[socket.socket, ssl.SSLContext | None]] = [
+        (socket.create_server((args.host, args.port), backlog=1024), None)
+    ]
+    if args.tls_port is not None:
+        if not args.cert:
+            parser.error("--tls-port needs --cert (and --key unless the PEM holds it)")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.cert, args.key)
+        listeners.append((socket.create_server((args.host, args.tls_port), backlog=1024), context))
+    urls = [
+        f"{'https' if context else 'http'}://{args.host}:{sock.getsockname()[1]}"
+        for sock, context in listeners
+    ]
+    print("LISTENING", *urls, flush=True)
+    if args.workers > 1:
+        run_forked(listeners, counters, args.workers)
+    else:
+        stdin_open = threading.Event()
+        stdin_open.set()
+        threading.Thread(target=wait_for_eof, args=(stdin_open,), daemon=True).start()
+        serve(listeners, counters, stdin_open.is_set)
 
 
 if __name__ == "__main__":
