@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import reprlib
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -87,7 +87,7 @@ class Dispatcher:
         self._transports: dict[str, Any] = {}
         self._codecs: dict[str, Codec | None] = {}
         self._executor: Executor | None = None
-        self._headers = {"User-Agent": self.settings.user_agent, "Accept": JSON}
+        self._headers = {"User-Agent": self.settings.user_agent}
         if not self.settings.keep_alive:
             self._headers["Connection"] = "close"
         hook.dispatchkit_configure(dispatcher=self)
@@ -153,6 +153,9 @@ class Dispatcher:
 
     def execute(self, call: Call) -> Any:
         """Run a :class:`~dispatchkit.Call` here and now; what executors call."""
+        request = call.take_request()
+        if request is not None:  # built by apply_async in this process: not built twice
+            return self._run(request)
         return self._run(
             self._build(
                 call.url, call.method, call.kwargs, call.timeout, call.headers,
@@ -184,8 +187,8 @@ class Dispatcher:
         kwargs = kwargs or _EMPTY
         # Building the request checks method, URL and arguments now, in the caller.
         request = self._build(url, method, kwargs, timeout, headers, task_id, json)
-        call = Call(request.url if False else url, request.method, kwargs, request.task_id,
-                    timeout, headers, json)  # fmt: skip
+        call = Call(url, request.method, kwargs, request.task_id, timeout, headers, json)
+        call.attach_request(request)
         return self._get_executor().submit(call)
 
     def map(
@@ -290,7 +293,7 @@ class Dispatcher:
         task_id: str | None,
         json: bool,
     ) -> Request:
-        task_id = task_id or uuid.uuid4().hex
+        task_id = task_id or new_task_id()
         try:
             return self._encode(url, method, kwargs, timeout, headers, task_id, json)
         except DispatchError as exc:
@@ -478,3 +481,11 @@ def _merge_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
         if existing is not None and existing != name:
             del headers[existing]
         headers[name] = value
+
+
+def new_task_id() -> str:
+    """A uuid4 in hex, as ``uuid.uuid4().hex`` makes it, at a third of the cost."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return raw.hex()

@@ -80,13 +80,18 @@ def merge_query(url: str, pairs: Pairs) -> str:
 def _urlencode(pairs: Pairs) -> str:
     # urlencode() without its type dispatch: every value here is already a str.
     try:
-        return "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in pairs)
+        return "&".join(f"{_quoted(k)}={_quoted(v)}" for k, v in pairs)
     except UnicodeEncodeError as exc:
         name = next(k for k, v in pairs if not _utf8(k) or not _utf8(v))
         raise EncodeError(
             f"argument {name!r} is not valid Unicode text (a lone surrogate?): {exc.reason}",
             argument=name,
         ) from exc
+
+
+def _quoted(text: str) -> str:
+    # Letters and digits need no quoting, and most arguments are just that.
+    return text if text.isascii() and text.isalnum() else quote_plus(text)
 
 
 def _utf8(text: str) -> bool:

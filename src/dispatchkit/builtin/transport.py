@@ -97,8 +97,8 @@ class PoolTransport:
 
     def send(self, request: Request) -> Response:
         total = self._deadline or DEADLINE_FACTOR * request.timeout
-        attempt = _Attempt(time.monotonic() + total)
-        _current.attempt = attempt
+        deadline = time.monotonic() + total
+        _current.deadline = deadline
         try:
             url, method, body = request.url, request.method, request.body
             headers: Mapping[str, str] = request.headers
@@ -107,12 +107,12 @@ class PoolTransport:
                 location = raw.headers.get("location")
                 if raw.status not in _REDIRECTS or not location or hop == self._follow:
                     break
-                self._read(raw, request, attempt)  # drained, so that the connection is reused
+                self._read(raw, request)  # drained, so that the connection is reused
                 url, method, body, headers = _redirected(
                     url, location, raw.status, method, body, headers
                 )
-            body = self._read(raw, request, attempt)
-            if time.monotonic() >= attempt.deadline:
+            body = self._read(raw, request)
+            if time.monotonic() >= deadline:
                 # The watchdog may have cut the answer short anywhere, even where
                 # http.client takes the cut for a complete (empty) answer.
                 raise TransportError("the answer was cut off", request=request)
@@ -124,14 +124,13 @@ class PoolTransport:
                 )
             return Response(raw.status, raw.headers, body)
         except TransportError as exc:
-            if time.monotonic() >= attempt.deadline:
+            if time.monotonic() >= deadline:
                 raise DispatchTimeout(
                     f"attempt ran past its total deadline of {total:g}s", request=request
                 ) from exc
             raise
         finally:
-            _current.attempt = None
-            attempt.release(self._watchdog)
+            _current.deadline = None
 
     def _open(
         self,
@@ -207,7 +206,7 @@ class PoolTransport:
         pool.ConnectionCls = self._connection_classes[url.scheme == "https"]
         return pool, auth
 
-    def _read(self, raw: BaseHTTPResponse, request: Request, attempt: _Attempt) -> bytes:
+    def _read(self, raw: BaseHTTPResponse, request: Request) -> bytes:
         limit = self._limit
         try:
             length = raw.length_remaining
@@ -229,9 +228,10 @@ class PoolTransport:
             raw.close()  # unread bytes make the connection unusable: drop it
             raise
         finally:
-            # Unwatched before the connection goes back: the next user must not inherit
-            # this attempt's deadline.
-            attempt.release(self._watchdog)
+            conn = raw.connection
+            if conn is not None:
+                # Before it goes back: the next user must not inherit this attempt's deadline.
+                conn._dk_deadline = None  # type: ignore[attr-defined]
             raw.release_conn()
         return body
 
@@ -285,26 +285,6 @@ DEADLINE_FACTOR = 6
 _current = threading.local()
 
 
-class _Attempt:
-    """The deadline of one attempt and the watchdog tokens of the sockets it used."""
-
-    __slots__ = ("deadline", "tokens")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.tokens: list[int] = []
-
-    def release(self, watchdog: Watchdog) -> None:
-        while self.tokens:
-            watchdog.unwatch(self.tokens.pop())
-
-
-def _watch(watchdog: Watchdog, sock: socket.socket | None) -> None:
-    attempt: _Attempt | None = getattr(_current, "attempt", None)
-    if attempt is not None and sock is not None:
-        attempt.tokens.append(watchdog.watch(sock, attempt.deadline))
-
-
 class _HeadReader:
     """Reads an answer's head for http.client, refusing a head that the peer cut off.
 
@@ -349,19 +329,25 @@ class _Watched:
     response_class = _StrictHeadResponse
     _watchdog: Watchdog
     _policy: EgressPolicy | None
+    _dk_deadline: float | None = None
     sock: socket.socket | None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        # Set before a lazy connect, so that the deadline bounds the TLS handshake too.
+        self._dk_deadline = getattr(_current, "deadline", None)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
     def _new_conn(self) -> socket.socket:
         if self._policy is None:
             sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         else:
             sock = connect_guarded(self, self._policy)
-        _watch(self._watchdog, sock)  # before the TLS handshake, which the deadline bounds too
+        self._watchdog.watch(self)
         return sock
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _watch(self._watchdog, self.sock)  # a reused connection: no _new_conn this time
-        super().request(*args, **kwargs)  # type: ignore[misc]
+    def close(self) -> None:
+        self._watchdog.unwatch(self)
+        super().close()  # type: ignore[misc]
 
 
 def _connection_classes(
