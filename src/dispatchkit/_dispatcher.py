@@ -449,16 +449,17 @@ class Dispatcher:
         return transport
 
     def _codec_for(self, request: Request, response: Response) -> Codec:
-        media_type = response.media_type
+        content_type = response.header("content-type") or ""
         try:
-            codec = self._codecs[media_type]
+            codec = self._codecs[content_type]  # keyed by the raw header: no parsing per call
         except KeyError:
+            media_type = response.media_type
             codec = self._pm.hook.dispatchkit_codec(media_type=media_type, dispatcher=self)
             if len(self._codecs) < _CODEC_CACHE_MAX:
-                self._codecs[media_type] = codec
+                self._codecs[content_type] = codec
         if codec is None:
             raise InvalidResponseError(
-                f"no codec for content type {media_type!r}: {excerpt(response.body)}",
+                f"no codec for content type {response.media_type!r}: {excerpt(response.body)}",
                 body=response.body,
                 status=response.status,
                 request=request,

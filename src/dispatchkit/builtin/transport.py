@@ -93,6 +93,8 @@ class PoolTransport:
         # origin ("https://user:pw@host:port") -> (pool, Authorization header or None), LRU order.
         self._pools: OrderedDict[str, tuple[HTTPConnectionPool, str | None]] = OrderedDict()
         self._lock = threading.Lock()
+        # The pool used last, read without the lock (one tuple: replaced atomically).
+        self._last: tuple[str, tuple[HTTPConnectionPool, str | None]] | None = None
         self._closed = False
 
     def send(self, request: Request) -> Response:
@@ -104,8 +106,10 @@ class PoolTransport:
             headers: Mapping[str, str] = request.headers
             for hop in range(self._follow + 1):
                 raw = self._open(request, url, method, body, headers)
+                if raw.status not in _REDIRECTS or hop == self._follow:
+                    break
                 location = raw.headers.get("location")
-                if raw.status not in _REDIRECTS or not location or hop == self._follow:
+                if not location:
                     break
                 self._read(raw, request)  # drained, so that the connection is reused
                 url, method, body, headers = _redirected(
@@ -170,15 +174,20 @@ class PoolTransport:
             _translate(exc, request)
 
     def _pool_for(self, origin: str, request: Request) -> tuple[HTTPConnectionPool, str | None]:
+        last = self._last
+        if last is not None and last[0] == origin:
+            return last[1]  # already the most recently used: no reordering to do
         with self._lock:
             entry = self._pools.get(origin)
             if entry is not None:
                 self._pools.move_to_end(origin)
+                self._last = (origin, entry)
                 return entry
             if self._closed:
                 raise UsageError("the transport is closed", request=request)
             entry = self._new_pool(origin, request)
             self._pools[origin] = entry
+            self._last = (origin, entry)
             if len(self._pools) > self._max_pools:
                 _, (evicted, _) = self._pools.popitem(last=False)
                 # Connections in use are closed when they come back to a closed pool.
@@ -256,6 +265,7 @@ class PoolTransport:
             self._closed = True
             pools = [pool for pool, _ in self._pools.values()]
             self._pools.clear()
+            self._last = None
         for pool in pools:
             pool.close()
         self._watchdog.close()
