@@ -531,3 +531,27 @@ def test_garbage_instead_of_a_status_line(make_dispatcher: Any) -> None:
         d = make_dispatcher(retry_attempts=1)
         with pytest.raises(TransportError, match="BadStatusLine"):
             d.call(f"{server.url}/t")
+
+
+def test_folded_and_odd_headers_are_read_like_http_client(make_dispatcher: Any) -> None:
+    """The transport's own head reader: folded lines, spacing, a 100 Continue first."""
+    body = envelope("ok")
+    answer = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type:application/json\r\n"
+        b"X-Folded: one\r\n two\r\n"
+        b"Content-Length:  " + str(len(body)).encode() + b"  \r\n\r\n" + body
+    )
+    with ScriptedServer([read(), send(answer), sleep(1)]) as server:
+        d = make_dispatcher(retry_attempts=1)
+        assert d.call(f"{server.url}/t") == "ok"
+
+
+def test_too_many_headers_are_refused(make_dispatcher: Any) -> None:
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+    answer = b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 0\r\n\r\n"
+    with ScriptedServer([read(), send(answer), sleep(1)]) as server:
+        d = make_dispatcher(retry_attempts=1)
+        with pytest.raises(TransportError, match="100 headers"):
+            d.call(f"{server.url}/t")

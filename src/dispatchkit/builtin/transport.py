@@ -11,7 +11,6 @@ urllib3 error is translated here, once, into the dispatchkit hierarchy.
 
 from __future__ import annotations
 
-import http.client
 import re
 import socket
 import ssl
@@ -19,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
@@ -42,6 +41,7 @@ from dispatchkit._egress import EgressPolicy, connect_guarded
 from dispatchkit._models import Request, Response
 from dispatchkit._redact import mask_url
 from dispatchkit._watchdog import Watchdog
+from dispatchkit.builtin._head import StrictHeadResponse
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchTimeout,
@@ -295,48 +295,10 @@ DEADLINE_FACTOR = 6
 _current = threading.local()
 
 
-class _HeadReader:
-    """Reads an answer's head for http.client, refusing a head that the peer cut off.
-
-    http.client takes a line that ends at EOF, or a header block that ends at
-    EOF without its blank line, for complete: "HTTP/1.1 200 O" then a close
-    would pass for an empty 200. Every line but the status line's EOF (which
-    http.client reports itself) must end in a newline here.
-    """
-
-    __slots__ = ("_fp", "_lines")
-
-    def __init__(self, fp: Any) -> None:
-        self._fp = fp
-        self._lines = 0
-
-    def readline(self, limit: int = -1) -> bytes:
-        line: bytes = self._fp.readline(limit)
-        self._lines += 1
-        cut = not line.endswith(b"\n") and (limit < 0 or len(line) < limit)
-        if cut and (line or self._lines > 1):
-            raise http.client.IncompleteRead(line)
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fp, name)
-
-
-class _StrictHeadResponse(http.client.HTTPResponse):
-    def begin(self) -> None:
-        fp = self.fp
-        self.fp = reader = _HeadReader(fp)  # type: ignore[assignment]
-        try:
-            super().begin()
-        finally:
-            if cast(Any, self.fp) is reader:
-                self.fp = fp
-
-
 class _Watched:
     """Mixin for urllib3 connections: the watchdog bounds their sockets; ``_policy`` guards them."""
 
-    response_class = _StrictHeadResponse
+    response_class = StrictHeadResponse
     _watchdog: Watchdog
     _policy: EgressPolicy | None
     _dk_deadline: float | None = None
