@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 from urllib.parse import parse_qsl
@@ -43,18 +43,6 @@ _JSON = "application/json"
 _MAX_FIELDS = 1000
 # the body, once read for the signature check, for the arguments to reuse
 _BODY_KEY = "dispatchkit.body"
-
-
-class _Failure(Exception):
-    """Answer ``status`` with a failure envelope carrying ``reason``."""
-
-    def __init__(
-        self, status: HTTPStatus, reason: str, headers: Iterable[tuple[str, str]] = ()
-    ) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = list(headers)
 
 
 class TaskApp:
@@ -213,27 +201,27 @@ class TaskApp:
         media_type = self.codec.media_type
         try:
             status, answer = HTTPStatus.OK, self._route(method, environ)
-        except _Failure as failure:
+        except Refused as failure:
             status, answer = failure.status, Envelope.failure(failure.reason)
             headers = failure.headers
-        body: bytes | _Failure
+        body: bytes | Refused
         if isinstance(answer, bytes):  # the gateway's JSON, which is not an envelope
             body, media_type = answer, _JSON
         else:
             body = self._encode(status, answer)
-        if isinstance(body, _Failure):
+        if isinstance(body, Refused):
             status, body = body.status, self.codec.encode(Envelope.failure(body.reason))
             media_type = self.codec.media_type
         headers += [("Content-Type", media_type), ("Content-Length", str(len(body)))]
         start_response(f"{status.value} {status.phrase}", headers)
         return [b""] if method == "HEAD" else [body]
 
-    def _encode(self, status: HTTPStatus, envelope: Envelope) -> bytes | _Failure:
+    def _encode(self, status: HTTPStatus, envelope: Envelope) -> bytes | Refused:
         try:
             return self.codec.encode(envelope)
         except Exception as exc:
             logger.exception("cannot encode the answer (%s)", status.value)
-            return _Failure(
+            return Refused(
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 f"cannot encode the return value: {type(exc).__name__}: {exc}",
             )
@@ -256,10 +244,7 @@ class TaskApp:
         body = None
         if signs_body(method):
             body = environ[_BODY_KEY] = self._read_body(environ)
-        try:
-            self._verifier.verify(method, environ, body)
-        except Refused as refused:
-            raise _Failure(refused.status, refused.reason, refused.headers) from None
+        self._verifier.verify(method, environ, body)
 
     def _gateway_answer(
         self, gateway: Gateway, method: str, environ: WSGIEnvironment, action: str, arg: str
@@ -267,7 +252,7 @@ class TaskApp:
         try:
             if action == "apply":
                 if arg not in self._specs:
-                    raise _Failure(HTTPStatus.NOT_FOUND, f"unknown task: {_shown_path(arg)}")
+                    raise Refused(HTTPStatus.NOT_FOUND, f"unknown task: {_shown_path(arg)}")
                 _allow(method, _APPLY_METHODS)
                 received: dict[str, object] = dict(_query_arguments(environ))
                 if method == "POST":
@@ -289,12 +274,12 @@ class TaskApp:
                 task_id = _from_latin1(arg)
                 answer = gateway.status(task_id) if action == "status" else gateway.done(task_id)
         except GatewayError as exc:
-            raise _Failure(exc.status, exc.reason) from None
+            raise Refused(exc.status, exc.reason) from None
         try:
             return orjson.dumps(answer)
         except TypeError as exc:
             logger.exception("gateway: cannot encode the answer for %r", arg)
-            raise _Failure(
+            raise Refused(
                 HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot encode the result: {exc}"
             ) from None
 
@@ -305,7 +290,7 @@ class TaskApp:
             return Envelope.success(sorted(self._specs))
         spec = self._specs.get(path[1:]) if path.startswith("/") else None
         if spec is None:
-            raise _Failure(HTTPStatus.NOT_FOUND, f"unknown task {_shown_path(path)}")
+            raise Refused(HTTPStatus.NOT_FOUND, f"unknown task {_shown_path(path)}")
         _allow(method, _TASK_METHODS)
         received: dict[str, object] = dict(_query_arguments(environ))
         if method == "POST":
@@ -313,12 +298,12 @@ class TaskApp:
         try:
             kwargs = spec.bind(received)
         except ArgumentError as exc:
-            raise _Failure(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            raise Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
         try:
             retval = spec.func(**kwargs)
         except Exception as exc:
             logger.exception("task %r failed", spec.name)
-            raise _Failure(
+            raise Refused(
                 HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}"
             ) from None
         return Envelope.success(retval)
@@ -333,17 +318,17 @@ class TaskApp:
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
-                raise _Failure(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc.msg}") from None
+                raise Refused(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc.msg}") from None
             if not isinstance(obj, dict):
-                raise _Failure(HTTPStatus.BAD_REQUEST, "the JSON body must be an object")
+                raise Refused(HTTPStatus.BAD_REQUEST, "the JSON body must be an object")
             return obj
         if media_type in (_FORM, ""):
             try:
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
-                raise _Failure(HTTPStatus.BAD_REQUEST, "the form body is not UTF-8") from None
+                raise Refused(HTTPStatus.BAD_REQUEST, "the form body is not UTF-8") from None
             return _parse_form(text, "form body")
-        raise _Failure(
+        raise Refused(
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
             f"unsupported Content-Type {content_type[:100]!r}; send {_FORM} or {_JSON}",
         )
@@ -353,20 +338,20 @@ class TaskApp:
         if read is not None:
             return read
         limit = self.max_body_bytes
-        too_large = _Failure(
+        too_large = Refused(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body exceeds {limit} bytes"
         )
         stream = environ["wsgi.input"]
         length_text = str(environ.get("CONTENT_LENGTH") or "").strip()
         if length_text:
             if not (length_text.isascii() and length_text.isdigit()):
-                raise _Failure(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {length_text!r}")
+                raise Refused(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {length_text!r}")
             length = int(length_text)
             if length > limit:
                 raise too_large
             body: bytes = stream.read(length)
             if len(body) < length:
-                raise _Failure(HTTPStatus.BAD_REQUEST, "request body shorter than Content-Length")
+                raise Refused(HTTPStatus.BAD_REQUEST, "request body shorter than Content-Length")
             return body
         if not environ.get("wsgi.input_terminated"):
             return b""  # no length and a stream that may never end: there is no body
@@ -393,7 +378,7 @@ def _is_json(media_type: str) -> bool:
 
 def _allow(method: str, allowed: tuple[str, ...]) -> None:
     if method not in allowed:
-        raise _Failure(
+        raise Refused(
             HTTPStatus.METHOD_NOT_ALLOWED,
             f"method {method[:20]!r} not allowed",
             [("Allow", ", ".join(allowed))],
@@ -423,7 +408,7 @@ def _query_arguments(environ: WSGIEnvironment) -> Mapping[str, object]:
     except UnicodeEncodeError:
         pass  # a server that already decoded it
     except UnicodeDecodeError:
-        raise _Failure(HTTPStatus.BAD_REQUEST, "the query string is not UTF-8") from None
+        raise Refused(HTTPStatus.BAD_REQUEST, "the query string is not UTF-8") from None
     return _parse_form(query, "query string")
 
 
@@ -431,9 +416,9 @@ def _parse_form(text: str, what: str) -> dict[str, object]:
     try:
         pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS)
     except UnicodeDecodeError:
-        raise _Failure(HTTPStatus.BAD_REQUEST, f"the {what} is not UTF-8") from None
+        raise Refused(HTTPStatus.BAD_REQUEST, f"the {what} is not UTF-8") from None
     except ValueError:
-        raise _Failure(HTTPStatus.BAD_REQUEST, f"the {what} has too many fields") from None
+        raise Refused(HTTPStatus.BAD_REQUEST, f"the {what} has too many fields") from None
     received: dict[str, FormValues] = {}
     for key, value in pairs:
         received.setdefault(key, FormValues()).append(value)

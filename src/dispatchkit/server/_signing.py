@@ -46,7 +46,10 @@ _ENVIRON_HEADERS = {
 
 
 class Refused(Exception):
-    """The request may not run: answer ``status`` with a failure envelope carrying ``reason``."""
+    """The request may not run: answer ``status`` with a failure envelope carrying ``reason``.
+
+    TaskApp raises it for every refusal (bad arguments, unknown task, bad signature).
+    """
 
     def __init__(
         self, status: HTTPStatus, reason: str, headers: Iterable[tuple[str, str]] = ()
