@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker, flush, redis_reachable
 
 from conftest import peer_stats, require
 from dispatchkit import (
@@ -24,9 +25,7 @@ from dispatchkit import (
     ResultTimeout,
     states,
 )
-from support.celery_worker import REDIS_URL, Worker, celery_worker, flush, redis_reachable
 
-pytest.importorskip("dispatchkit_celery")
 
 QUEUE = f"dispatchkit-test-{uuid.uuid4().hex[:8]}"
 

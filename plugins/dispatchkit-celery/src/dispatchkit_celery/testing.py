@@ -1,4 +1,12 @@
-"""Real Celery workers for the tests: subprocesses on a Redis broker, bounded start and stop."""
+"""Real Celery workers for tests and benchmarks: subprocesses on a Redis broker.
+
+``celery_worker(queue)`` starts ``celery -A dispatchkit_celery.worker worker``
+(prefork) as a subprocess, waits (bounded) until it is ready, and stops it
+with a warm shutdown (then a kill) when the ``with`` block ends::
+
+    with celery_worker("my-queue", concurrency=2, url="redis://127.0.0.1:6379/9") as worker:
+        ...  # Dispatcher(executor="celery", celery_queue="my-queue", celery_broker=...)
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from collections.abc import Iterator
 from typing import IO
 from urllib.parse import urlsplit
 
+#: The broker of the test suite: a database of its own, emptied before and after.
 REDIS_URL = os.environ.get("DISPATCHKIT_TEST_REDIS", "redis://127.0.0.1:6379/13")
 
 
@@ -82,7 +91,11 @@ def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
 
 @contextlib.contextmanager
 def celery_worker(
-    queue_name: str, concurrency: int = 2, url: str = REDIS_URL, timeout: float = 60.0
+    queue_name: str,
+    concurrency: int = 2,
+    url: str = REDIS_URL,
+    timeout: float = 60.0,
+    worker_settings: dict[str, object] | None = None,
 ) -> Iterator[Worker]:
     """Start ``celery -A dispatchkit_celery.worker worker`` (prefork) and wait until it is ready."""
     name = f"test-{uuid.uuid4().hex[:8]}@%h"
@@ -90,7 +103,9 @@ def celery_worker(
         **os.environ,
         "DISPATCHKIT_CELERY_BROKER": url,
         "DISPATCHKIT_CELERY_QUEUE": queue_name,
-        "DISPATCHKIT_CELERY_WORKER_SETTINGS": json.dumps({"timeout": 10, "retry_backoff": 0.01}),
+        "DISPATCHKIT_CELERY_WORKER_SETTINGS": json.dumps(
+            worker_settings or {"timeout": 10, "retry_backoff": 0.01}
+        ),
         "DISPATCHKIT_EXECUTOR": "threads",
     }
     proc = subprocess.Popen(
