@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
@@ -19,6 +20,11 @@ FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 
 Pairs = list[tuple[str, str]]
+
+#: RFC 3986 path and query characters and upper-case %XX escapes: a request target made
+#: only of these goes on the wire exactly as written; anything else is percent-encoded
+#: first, the way urllib3 does it (the signing plugin signs what this sends).
+SENT_AS_IS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-F]{2})*")
 
 
 def normalize_method(method: object) -> str:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from urllib3.util import parse_url
 
-from dispatchkit._encoding import QUERY_METHODS
+from dispatchkit._encoding import QUERY_METHODS, SENT_AS_IS
 from dispatchkit.exceptions import DispatchError, UsageError
 
 if TYPE_CHECKING:
@@ -74,8 +74,6 @@ _MASKED = SECRET_PREFIX + "***"
 # forbids it); printable ASCII otherwise, bounded so the replay cache stays small.
 _ID = re.compile(r"[!-\-/-~]{1,256}")
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")
-# RFC 3986 query characters and upper-case %XX escapes: sent exactly as written.
-_SENT_AS_IS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-F]{2})*")
 # A bound on the signatures one header may make the verifier look at.
 _MAX_SIGNATURES = 32
 
@@ -206,7 +204,7 @@ def query_payload(url: str) -> bytes:
     _, mark, query = url.partition("#")[0].partition("?")
     if not mark or not query:
         return b""
-    if not _SENT_AS_IS.fullmatch(query):
+    if not SENT_AS_IS.fullmatch(query):
         query = parse_url(url).query or ""
     return query.encode("ascii")
 
