@@ -74,8 +74,6 @@ class PoolTransport:
 
     def __init__(self, settings: Settings) -> None:
         self._limit = settings.max_response_bytes
-        self._timeout = settings.timeout
-        self._default_timeout = urllib3.Timeout(connect=settings.timeout, read=settings.timeout)
         self._max_pools = settings.max_pools
         self._pool_kw: dict[str, Any] = {
             "maxsize": settings.pool_maxsize,
@@ -83,7 +81,7 @@ class PoolTransport:
             # waits (up to the timeout) instead of opening one the pool would discard.
             "block": True,
             "retries": False,
-            "timeout": self._default_timeout,
+            "timeout": urllib3.Timeout(connect=settings.timeout, read=settings.timeout),
         }
         self._tls_kw: dict[str, Any] = {
             "cert_reqs": ssl.CERT_REQUIRED if settings.verify else ssl.CERT_NONE,
@@ -127,12 +125,6 @@ class PoolTransport:
                 # The watchdog may have cut the answer short anywhere, even where
                 # http.client takes the cut for a complete (empty) answer.
                 raise TransportError("the answer was cut off", request=request)
-            if not body and _unframed(raw, method):
-                raise TransportError(
-                    "connection closed before a complete answer (no Content-Length, "
-                    "no chunked body, nothing read)",
-                    request=request,
-                )
             return Response(raw.status, raw.headers, body)
         except TransportError as exc:
             if time.monotonic() >= deadline:
@@ -305,24 +297,6 @@ class PoolTransport:
         for pool in pools:
             pool.close()
         self._watchdog.close()
-
-
-def _unframed(raw: BaseHTTPResponse, method: str) -> bool:
-    """An HTTP/1.1 answer that should have a body but says nothing of its length.
-
-    http.client takes a head cut off by the peer closing ("HTTP/1.1 200 O", EOF)
-    for a complete answer whose empty body ends at the close; a real HTTP/1.1
-    server that sends a body frames it.
-    """
-    headers = raw.headers
-    return (
-        raw.version == 11
-        and method != "HEAD"
-        and raw.status >= 200
-        and raw.status not in (204, 304)
-        and "content-length" not in headers
-        and "transfer-encoding" not in headers
-    )
 
 
 #: Without a ``deadline`` setting, an attempt may last this many times its ``timeout``.
