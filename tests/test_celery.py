@@ -26,7 +26,6 @@ from dispatchkit import (
     states,
 )
 
-
 QUEUE = f"dispatchkit-test-{uuid.uuid4().hex[:8]}"
 
 
