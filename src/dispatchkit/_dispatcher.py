@@ -15,6 +15,7 @@ from typing import Any
 
 import tenacity
 
+from dispatchkit._answers import Answers
 from dispatchkit._encoding import (
     FORM,
     JSON,
@@ -26,8 +27,6 @@ from dispatchkit._encoding import (
     normalize_method,
 )
 from dispatchkit._models import (
-    STATUS_FAILURE,
-    STATUS_SUCCESS,
     Call,
     Codec,
     Executor,
@@ -38,21 +37,14 @@ from dispatchkit._models import (
     Result,
 )
 from dispatchkit._plugins import build_manager
-from dispatchkit._redact import excerpt
 from dispatchkit._settings import Settings
 from dispatchkit.exceptions import (
     DispatchError,
-    HTTPStatusError,
-    InvalidResponseError,
-    RemoteExecuteError,
-    UnknownStatusError,
     UsageError,
 )
 
 log = logging.getLogger("dispatchkit")
 
-#: Media types are chosen by servers; past this many, codecs are resolved without caching.
-_CODEC_CACHE_MAX = 64
 _EMPTY: Mapping[str, Any] = {}
 #: The name in the log lines, after the seed's ``Task ...HttpDispatchTask[<id>] processed: 100``.
 TASK_NAME = "dispatchkit.HttpDispatchTask"
@@ -85,7 +77,7 @@ class Dispatcher:
         self._closing = self._closed = False
         self._lock = threading.Lock()
         self._transports: dict[str, Any] = {}
-        self._codecs: dict[str, Codec | None] = {}
+        self._answers = Answers(self._resolve_codec, self.settings.follow_redirects)
         self._executor: Executor | None = None
         self._headers = {"User-Agent": self.settings.user_agent}
         if not self.settings.keep_alive:
@@ -353,7 +345,7 @@ class Dispatcher:
                 if self._retrying is None:
                     raise
                 response = self._retrying(self._retry, request, transport, [first])
-            retval = self._decode(request, response)
+            retval = self._answers.retval(request, response)
         except DispatchError as exc:
             exc.bind(request)
             if log.isEnabledFor(logging.INFO):
@@ -388,47 +380,12 @@ class Dispatcher:
             ) from exc
         if 200 <= response.status < 300:
             return response
-        raise self._status_error(request, response)
+        raise self._answers.status_error(request, response)
 
     def _retry(self, request: Request, transport: Any, failed: list[DispatchError]) -> Response:
         if failed:
             raise failed.pop()  # show tenacity the failed first attempt: its policy decides on it
         return self._attempt(request, transport)
-
-    def _decode(self, request: Request, response: Response) -> Any:
-        envelope = self._codec_for(request, response).decode(response)
-        if envelope.status == STATUS_SUCCESS:
-            return envelope.retval
-        if envelope.status == STATUS_FAILURE:
-            raise RemoteExecuteError(envelope.reason or "", status=response.status, request=request)
-        raise UnknownStatusError(
-            f"unknown envelope status {envelope.status!r}", body=response.body, request=request
-        )
-
-    def _status_error(self, request: Request, response: Response) -> DispatchError:
-        """A non-2xx answer: the task's failure when it sent an envelope, else the status."""
-        try:
-            envelope = self._codec_for(request, response).decode(response)
-        except DispatchError:
-            envelope = None
-        if envelope is not None and envelope.status == STATUS_FAILURE:
-            return RemoteExecuteError(
-                envelope.reason or "",
-                status=response.status,
-                headers=response.headers,
-                request=request,
-            )
-        status = response.status
-        message = f"HTTP {status}"
-        if 300 <= status < 400:
-            location = response.header("location")
-            target = f"to {location!r}" if location else "without a Location"
-            message += f" redirect {target} (redirects are not followed)"
-        elif response.body:
-            message += f": {excerpt(response.body)}"
-        return HTTPStatusError(
-            message, status=status, headers=response.headers, body=response.body, request=request
-        )
 
     # -- strategies, resolved once ------------------------------------------------
 
@@ -448,22 +405,10 @@ class Dispatcher:
                 self._transports[scheme] = transport
         return transport
 
-    def _codec_for(self, request: Request, response: Response) -> Codec:
-        content_type = response.header("content-type") or ""
-        try:
-            codec = self._codecs[content_type]  # keyed by the raw header: no parsing per call
-        except KeyError:
-            media_type = response.media_type
-            codec = self._pm.hook.dispatchkit_codec(media_type=media_type, dispatcher=self)
-            if len(self._codecs) < _CODEC_CACHE_MAX:
-                self._codecs[content_type] = codec
-        if codec is None:
-            raise InvalidResponseError(
-                f"no codec for content type {response.media_type!r}: {excerpt(response.body)}",
-                body=response.body,
-                status=response.status,
-                request=request,
-            )
+    def _resolve_codec(self, media_type: str) -> Codec | None:
+        codec: Codec | None = self._pm.hook.dispatchkit_codec(
+            media_type=media_type, dispatcher=self
+        )
         return codec
 
     def _report(self, request: Request, outcome: Outcome) -> None:
