@@ -53,7 +53,6 @@ def make_app(broker: str | None = None, backend: str | None = None) -> Celery:
     return app
 
 
-_local = threading.local()
 _worker_dispatcher: Dispatcher | None = None
 _worker_pid = 0
 _lock = threading.Lock()
