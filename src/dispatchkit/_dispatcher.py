@@ -20,6 +20,8 @@ from dispatchkit._encoding import (
     FORM,
     JSON,
     QUERY_METHODS,
+    check_header,
+    check_headers,
     form_body,
     form_pairs,
     json_body,
@@ -285,12 +287,17 @@ class Dispatcher:
         task_id: str | None,
         json: bool,
     ) -> Request:
-        task_id = task_id or new_task_id()
         try:
+            if task_id:
+                check_header("Idempotency-Key", task_id)
+            else:
+                task_id = new_task_id()
             return self._encode(url, method, kwargs, timeout, headers, task_id, json)
         except DispatchError as exc:
             # Nothing was sent, but the error still says which call it was.
             shown = url if isinstance(url, str) else repr(url)
+            if not (isinstance(task_id, str) and task_id.isprintable()):
+                task_id = repr(task_id)  # a refused one: never a line break into a log
             raise exc.with_context(task_id, str(method).upper(), shown) from exc.__cause__
 
     def _encode(
@@ -308,6 +315,7 @@ class Dispatcher:
         method = normalize_method(method)
         request_headers = dict(self._headers)
         if headers:
+            check_headers(headers)
             _merge_headers(request_headers, headers)
         body: bytes | None = None
         if method in QUERY_METHODS:

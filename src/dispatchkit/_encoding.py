@@ -1,7 +1,9 @@
-"""Encoding a task's keyword arguments for the wire (DESIGN §1)."""
+"""Encoding a task's keyword arguments, and its request headers, for the wire."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +27,11 @@ Pairs = list[tuple[str, str]]
 #: only of these goes on the wire exactly as written; anything else is percent-encoded
 #: first, the way urllib3 does it (the signing plugin signs what this sends).
 SENT_AS_IS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-F]{2})*")
+
+#: RFC 9110 §5.1 and §5.5: a field name is a token; a value is visible latin-1
+#: characters, spaces and tabs (never CR, LF, NUL or another control character).
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
 def normalize_method(method: object) -> str:
@@ -108,18 +115,63 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def check_header(name: object, value: object) -> None:
+    """Raise :class:`UsageError` unless ``name: value`` can go on the wire as it is.
+
+    http.client would refuse it only while sending (or send a header a CR/LF
+    split in two); refused here, it is the caller's mistake, never retried.
+    """
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+        raise UsageError(f"header name {name!r} is not an RFC 9110 token")
+    if not isinstance(value, str):
+        raise UsageError(f"header {name}: the value must be a str, got {type(value).__name__}")
+    if not _FIELD_VALUE.fullmatch(value):
+        raise UsageError(
+            f"header {name}: the value {value[:100]!r} holds a control character (CR, LF, NUL, "
+            "...) or a character outside latin-1; encode it first (RFC 8187, base64, ...)"
+        )
+
+
+def check_headers(headers: Mapping[str, object]) -> None:
+    """:func:`check_header` for every header of ``headers``."""
+    for name, value in headers.items():
+        check_header(name, value)
+
+
 def form_body(pairs: Pairs) -> bytes:
     return _urlencode(pairs).encode("ascii")
 
 
 def json_body(kwargs: Mapping[str, Any]) -> bytes:
     try:
-        return orjson.dumps(kwargs, option=orjson.OPT_NON_STR_KEYS)
+        body = orjson.dumps(kwargs, option=orjson.OPT_NON_STR_KEYS)
     except TypeError as exc:
         name = next((k for k, v in kwargs.items() if not _json_ok(v)), "?")
         raise EncodeError(
             f"argument {name!r} cannot be JSON-encoded: {exc}", argument=name
         ) from exc
+    # orjson writes NaN and the infinities as null; look for them only when a null is there.
+    if b"null" in body:
+        for name, value in kwargs.items():
+            if _has_non_finite(value):
+                raise EncodeError(
+                    f"argument {name!r} holds NaN or an infinity, which JSON cannot carry "
+                    "(it would arrive as null); send it as a string or leave it out",
+                    argument=str(name),
+                )
+    return body
+
+
+def _has_non_finite(value: object) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_has_non_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
 
 
 def _json_ok(value: object) -> bool:

@@ -5,6 +5,12 @@ connections of the built-in transport only:
 
 * it takes a head cut off by the peer closing ("HTTP/1.1 200 O", then EOF; or
   headers that end at EOF without their blank line) for a complete answer;
+* it skips only ``100 Continue``: any other interim answer (``102 Processing``,
+  ``103 Early Hints``) is returned as the final one, and the real answer stays
+  on the connection for the next request to read as its own. RFC 9110 §15.2
+  asks a client to parse and discard every 1xx it did not expect; this reader
+  does, up to ``MAX_INTERIM`` of them, and refuses a ``101 Switching Protocols``
+  that nobody asked for (the connection no longer speaks HTTP/1.1);
 * it parses headers with the ``email`` package, which costs about ten
   microseconds per answer, more than the rest of dispatchkit's pipeline.
 
@@ -21,7 +27,9 @@ from typing import Any, cast
 
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
-_CONTINUE = 100
+_SWITCHING_PROTOCOLS = 101
+#: Interim answers skipped before the final one; past this the server is refused.
+MAX_INTERIM = 32
 
 
 def _line(fp: Any, what: str) -> bytes:
@@ -57,17 +65,25 @@ def read_headers(fp: Any) -> http.client.HTTPMessage:
     return message
 
 
+class UnaskedSwitch(http.client.HTTPException):
+    """A ``101 Switching Protocols`` answer to a request that asked for no upgrade."""
+
+
 class StrictHeadResponse(http.client.HTTPResponse):
     """An ``HTTPResponse`` whose head must arrive whole; see the module docstring."""
 
     def begin(self) -> None:
         if self.headers is not None:
             return
-        while True:
+        for _ in range(MAX_INTERIM + 1):
             version, status, reason = self._read_status()
-            if status != _CONTINUE:
+            if status >= 200:  # http.client refuses anything outside 100-999
                 break
-            read_headers(self.fp)  # the head of a 100 Continue: skipped
+            if status == _SWITCHING_PROTOCOLS:
+                raise UnaskedSwitch(f"101 Switching Protocols without an Upgrade request: {reason}")
+            read_headers(self.fp)  # an interim answer's head: read whole, then dropped
+        else:
+            raise http.client.HTTPException(f"more than {MAX_INTERIM} interim (1xx) answers")
         self.code = self.status = status
         self.reason = reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):

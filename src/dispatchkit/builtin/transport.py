@@ -11,7 +11,6 @@ urllib3 error is translated here, once, into the dispatchkit hierarchy.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import re
 import socket
@@ -30,6 +29,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
     ClosedPoolError,
     ConnectTimeoutError,
+    DecodeError,
     EmptyPoolError,
     HTTPError,
     InsecureRequestWarning,
@@ -42,15 +42,16 @@ from urllib3.exceptions import (
 from urllib3.util import make_headers, parse_url
 
 from dispatchkit._egress import EgressPolicy, connect_guarded
-from dispatchkit._encoding import SENT_AS_IS
+from dispatchkit._encoding import SENT_AS_IS, check_headers
 from dispatchkit._models import Request, Response
 from dispatchkit._redact import mask_url
 from dispatchkit._watchdog import Watchdog
-from dispatchkit.builtin._head import StrictHeadResponse
+from dispatchkit.builtin._head import StrictHeadResponse, UnaskedSwitch
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchError,
     DispatchTimeout,
+    InvalidResponseError,
     ResponseTooLargeError,
     TransportError,
     UsageError,
@@ -172,10 +173,13 @@ class PoolTransport:
         of the CPU time of a keep-alive call.
         """
         timeout = request.timeout
-        conn = None
         try:
             # Waits at most ``timeout`` for a free connection; a dropped idle one is replaced.
             conn = pool._get_conn(timeout=timeout)
+        except HTTPError as exc:
+            # Nothing was taken from the pool, so nothing goes back (urlopen does the same).
+            _translate(exc, request)
+        try:
             conn.timeout = timeout  # connect, and every read and write after it
             if self._warn_unverified and pool.scheme == "https":
                 warnings.warn(
@@ -183,14 +187,19 @@ class PoolTransport:
                     InsecureRequestWarning,
                     stacklevel=2,
                 )
-            # The server may answer and close before reading the whole body: read the answer.
-            with contextlib.suppress(BrokenPipeError):
+            try:
                 conn.request(method, target, body=body, headers=headers, preload_content=False)
+            except BrokenPipeError:
+                pass  # the server may answer and close before reading the whole body
+            except ValueError as exc:
+                if isinstance(exc, OSError):  # ssl.CertificateError is both
+                    raise
+                # A header (a plugin's?) http.client will not write: nothing was sent.
+                raise _unsendable(exc, method, target, headers, request) from exc
             response = conn.getresponse()
         except BaseException as exc:
-            if conn is not None:
-                conn.close()
-            pool._put_conn(conn)  # the pool's slot, for whoever waits (None refills it)
+            conn.close()
+            pool._put_conn(conn)  # taken, so it goes back: closed, it reconnects when next used
             if isinstance(exc, HTTPError):
                 _translate(exc, request)
             if isinstance(exc, Exception) and not isinstance(exc, DispatchError):
@@ -233,6 +242,7 @@ class PoolTransport:
         if url.auth is not None:
             auth = make_headers(basic_auth=unquote(url.auth))["authorization"]
         if url.scheme == "https":
+            _refuse_http2(request)
             pool: HTTPConnectionPool = HTTPSConnectionPool(
                 url.host, url.port, **self._pool_kw, **self._tls_kw
             )
@@ -343,6 +353,23 @@ def _connection_classes(
     )
 
 
+def _refuse_http2(request: Request) -> None:
+    """Refuse to open HTTPS pools while ``urllib3.http2.inject_into_urllib3()`` is active.
+
+    It makes every urllib3 TLS handshake offer only ``h2``; our connections
+    read HTTP/1.1 answers, so a server that accepts would answer in frames
+    they cannot read. Better a clear error than a broken call. (Injected before
+    this module was imported, it also replaced the ``HTTPSConnection`` we subclass.)
+    """
+    if "h2" in urllib3.util.ssl_.ALPN_PROTOCOLS or HTTPSConnection.__name__ == "HTTP2Connection":
+        raise UsageError(
+            "urllib3.http2.inject_into_urllib3() is active, and the built-in transport speaks "
+            "HTTP/1.1 only: call urllib3.http2.extract_from_urllib3() first, or send through "
+            "a transport plugin that speaks HTTP/2",
+            request=request,
+        )
+
+
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
@@ -396,13 +423,32 @@ def _translate(exc: HTTPError, request: Request) -> NoReturn:
         raise TransportError(
             f"TLS failed: {_reason(exc)}", request=request, transient=False
         ) from exc
+    if isinstance(exc, DecodeError):
+        # The server's bytes do not decode as they say they are encoded: not worth a retry.
+        raise InvalidResponseError(
+            f"cannot decode the body: {_reason(exc)}", request=request
+        ) from exc
     if isinstance(exc, ProtocolError):
         raise TransportError(f"connection broken: {_reason(exc)}", request=request) from exc
     raise TransportError(f"{type(exc).__name__}: {exc}", request=request) from exc
 
 
+def _unsendable(
+    exc: ValueError, method: str, target: str, headers: Mapping[str, str], request: Request
+) -> UsageError:
+    """The error for a request http.client refused to write: nothing was sent."""
+    try:
+        check_headers(headers)
+    except UsageError as refused:
+        refused.bind(request)
+        return refused
+    return UsageError(f"cannot send {method} {target[:100]!r}: {exc}", request=request)
+
+
 def _translate_socket(exc: Exception, request: Request) -> NoReturn:
     """Raise the dispatchkit error for what a socket, ssl or http.client raised."""
+    if isinstance(exc, UnaskedSwitch):
+        raise TransportError(f"connection broken: {exc}", request=request, transient=False) from exc
     if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
         raise TransportError(
             f"TLS failed: {type(exc).__name__}: {exc}", request=request, transient=False
