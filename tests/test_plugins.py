@@ -36,6 +36,7 @@ from dispatchkit import (
     RemoteExecuteError,
     Request,
     Response,
+    Settings,
     Transport,
     UsageError,
     _plugins,
@@ -145,7 +146,7 @@ def test_builtins_are_listed_as_builtin(dispatcher: Dispatcher) -> None:
     for p in builtins:
         assert p.distribution == "dispatchkit"
         assert p.version == dispatchkit.__version__
-    assert info(dispatcher, "transport").hooks == ("dispatchkit_close", "dispatchkit_transport")
+    assert info(dispatcher, "transport").hooks == ("dispatchkit_transport",)
     assert info(dispatcher, "codec").hooks == ("dispatchkit_codec",)
     assert info(dispatcher, "retry").hooks == ("dispatchkit_retry_policy",)
 
@@ -317,7 +318,7 @@ def test_hook_with_an_unknown_argument_is_refused() -> None:
         name = "extra"
 
         @hookimpl
-        def dispatchkit_configure(self, dispatcher: Dispatcher, color: str) -> None:
+        def dispatchkit_configure(self, settings: Settings, color: str) -> None:
             raise AssertionError("never called")
 
     with pytest.raises(PluginLoadError, match="color") as excinfo:
@@ -430,7 +431,7 @@ class MemoryTransport:
         self.tasks = tasks
         self.codec = codec
         self.sent: list[Request] = []
-        self.closed = False
+        self.closed = 0
 
     def send(self, request: Request) -> Response:
         self.sent.append(request)
@@ -445,7 +446,7 @@ class MemoryTransport:
         return Response(200, {"Content-Type": f"{KV}; charset=utf-8"}, self.codec.encode(envelope))
 
     def close(self) -> None:
-        self.closed = True
+        self.closed += 1
 
 
 class MemoryPlugin:
@@ -462,10 +463,6 @@ class MemoryPlugin:
     @hookimpl
     def dispatchkit_codec(self, media_type: str, dispatcher: Dispatcher) -> Codec | None:
         return self.codec if media_type == KV else None
-
-    @hookimpl
-    def dispatchkit_close(self, dispatcher: Dispatcher) -> None:
-        self.transport.close()
 
 
 def add(x: str, y: str) -> int:
@@ -493,7 +490,8 @@ def test_custom_scheme_transport_and_codec(make_dispatcher: MakeDispatcher) -> N
     assert [r.method for r in memory.transport.sent] == ["GET", "POST", "GET", "GET"]
     assert memory.transport.sent[0].kwargs == {"x": 2, "y": 3}
     d.close()
-    assert memory.transport.closed
+    d.close()
+    assert memory.transport.closed == 1  # the Dispatcher closes what it was given, once
 
 
 def test_custom_scheme_works_without_the_http_transport(make_dispatcher: MakeDispatcher) -> None:
@@ -531,11 +529,6 @@ class CountingPlugin:
         if self.transport is None:
             self.transport = CountingTransport(PoolTransport(dispatcher.settings))
         return self.transport
-
-    @hookimpl
-    def dispatchkit_close(self, dispatcher: Dispatcher) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 @pytest.mark.parametrize("builtin_first", [True, False])
@@ -587,7 +580,7 @@ class Probe:
         self.asked["codec", media_type] += 1
 
     @hookimpl
-    def dispatchkit_retry_policy(self, dispatcher: Dispatcher) -> None:
+    def dispatchkit_retry_policy(self, settings: Settings) -> None:
         self.asked["retry", ""] += 1
 
 
@@ -733,8 +726,8 @@ class OptionPlugin:
         self.value: object = None
 
     @hookimpl
-    def dispatchkit_configure(self, dispatcher: Dispatcher) -> None:
-        self.value = dispatcher.settings.extra("my_option", "default")
+    def dispatchkit_configure(self, settings: Settings) -> None:
+        self.value = settings.extra("my_option", "default")
 
 
 def test_plugin_setting_read_in_configure_is_valid(make_dispatcher: MakeDispatcher) -> None:
@@ -761,7 +754,7 @@ class FiveAttempts:
     name = "five-attempts"
 
     @hookimpl
-    def dispatchkit_retry_policy(self, dispatcher: Dispatcher) -> tenacity.Retrying:
+    def dispatchkit_retry_policy(self, settings: Settings) -> tenacity.Retrying:
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(5),
             wait=tenacity.wait_none(),
@@ -791,7 +784,7 @@ def test_retry_policy_must_be_a_retrying() -> None:
         name = "wrong"
 
         @hookimpl
-        def dispatchkit_retry_policy(self, dispatcher: Dispatcher) -> Any:
+        def dispatchkit_retry_policy(self, settings: Settings) -> Any:
             return 5
 
     with pytest.raises(UsageError, match=r"tenacity\.Retrying"):

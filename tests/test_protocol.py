@@ -172,7 +172,7 @@ def test_bad_calls_are_usage_errors(dispatcher: Dispatcher, peer: str) -> None:
         dispatcher.call("ftp://127.0.0.1/echo")
     with pytest.raises(UsageError, match="url must be a str"):
         dispatcher.call(b"http://127.0.0.1/")  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="timeout must be a positive"):
+    with pytest.raises(UsageError, match="timeout must be positive"):
         dispatcher.apply(f"{peer}/echo", timeout=0)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dispatchkit import URL, Dispatcher, DispatchError, hookimpl
+from dispatchkit import URL, Dispatcher, DispatchError, Settings, hookimpl
 from dispatchkit._cli import main
 
 PASSWORD = "pw-8c1f0e"
@@ -115,6 +115,6 @@ class _Reads:
         self.name = "reads-" + "-".join(names)
 
     @hookimpl
-    def dispatchkit_configure(self, dispatcher: Dispatcher) -> None:
+    def dispatchkit_configure(self, settings: Settings) -> None:
         for name in self.names:
-            dispatcher.settings.extra(name)
+            settings.extra(name)

@@ -18,6 +18,7 @@ from dispatchkit._models import (
 )
 from dispatchkit._results import AsyncResult
 from dispatchkit._seed import URL, HttpDispatchTask, default_dispatcher
+from dispatchkit._settings import Settings
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import (
     ConnectError,
@@ -61,6 +62,7 @@ __all__ = [
     "ResponseTooLargeError",
     "Result",
     "ResultTimeout",
+    "Settings",
     "Transport",
     "TransportError",
     "URL",

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 import reprlib
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 import tenacity
 
 from dispatchkit._answers import Answers
-from dispatchkit._encoding import (
-    FORM,
-    JSON,
-    QUERY_METHODS,
-    check_header,
-    check_headers,
-    form_body,
-    form_pairs,
-    json_body,
-    merge_query,
-    normalize_method,
-)
+from dispatchkit._encoding import build_request, new_task_id
 from dispatchkit._models import (
     Call,
     Codec,
@@ -37,13 +24,11 @@ from dispatchkit._models import (
     Request,
     Response,
     Result,
+    Transport,
 )
 from dispatchkit._plugins import build_manager
 from dispatchkit._settings import Settings
-from dispatchkit.exceptions import (
-    DispatchError,
-    UsageError,
-)
+from dispatchkit.exceptions import DispatchError, UsageError
 
 log = logging.getLogger("dispatchkit")
 
@@ -78,20 +63,20 @@ class Dispatcher:
         hook = self._pm.hook
         self._closing = self._closed = False
         self._lock = threading.Lock()
-        self._transports: dict[str, Any] = {}
+        self._transports: dict[str, Transport] = {}
         self._answers = Answers(self._resolve_codec, self.settings.follow_redirects)
         self._executor: Executor | None = None
         self._headers = {"User-Agent": self.settings.user_agent}
         if not self.settings.keep_alive:
             self._headers["Connection"] = "close"
-        hook.dispatchkit_configure(dispatcher=self)
+        hook.dispatchkit_configure(settings=self.settings)
         unknown = self.settings.unread_extras()
         if unknown:
             self.close()
             raise UsageError(
                 f"unknown setting(s) {', '.join(map(repr, unknown))}: no plugin reads them"
             )
-        retrying = hook.dispatchkit_retry_policy(dispatcher=self)
+        retrying = hook.dispatchkit_retry_policy(settings=self.settings)
         if retrying is not None and not isinstance(retrying, tenacity.Retrying):
             self.close()
             raise UsageError(
@@ -120,7 +105,7 @@ class Dispatcher:
         failure, and another :class:`~dispatchkit.DispatchError` when the
         call itself fails. For per-call options use :meth:`apply`.
         """
-        return self._run(self._build(url, method, kwargs, None, None, None, False))
+        return self._run(self._build(Call(url, method, kwargs)))
 
     def apply(
         self,
@@ -141,21 +126,12 @@ class Dispatcher:
         ``Idempotency-Key`` (a uuid4 hex by default), ``json=True`` sends the
         arguments as one JSON object (POST, PUT, PATCH) instead of a form.
         """
-        return self._run(
-            self._build(url, method, kwargs or _EMPTY, timeout, headers, task_id, json)
-        )
+        call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json)
+        return self._run(self._build(call))
 
     def execute(self, call: Call) -> Any:
         """Run a :class:`~dispatchkit.Call` here and now; what executors call."""
-        request = call.take_request()
-        if request is not None:  # built by apply_async in this process: not built twice
-            return self._run(request)
-        return self._run(
-            self._build(
-                call.url, call.method, call.kwargs, call.timeout, call.headers,
-                call.task_id or None, call.json,
-            )
-        )  # fmt: skip
+        return self._run(self._build(call))
 
     def submit(self, url: str, /, method: str = "GET", **kwargs: Any) -> Result:
         """Start the call on the executor and return its :class:`~dispatchkit.AsyncResult`.
@@ -178,11 +154,12 @@ class Dispatcher:
         json: bool = False,
     ) -> Result:
         """Like :meth:`apply`, on the executor: returns at once with the call's result handle."""
-        kwargs = kwargs or _EMPTY
-        # Building the request checks method, URL and arguments now, in the caller.
-        request = self._build(url, method, kwargs, timeout, headers, task_id, json)
-        call = Call(url, request.method, kwargs, request.task_id, timeout, headers, json)
-        call.attach_request(request)
+        call = Call(url, method, kwargs or _EMPTY, task_id or new_task_id(), timeout, headers, json)
+        # Built here only to be checked (method, URL, arguments, headers) in the caller,
+        # before anything is queued; the executor builds it again where it runs.
+        request = self._build(call)
+        if call.method != request.method:
+            call = Call(call.url, request.method, call.kwargs, call.task_id, timeout, headers, json)
         return self._get_executor().submit(call)
 
     def map(
@@ -249,15 +226,23 @@ class Dispatcher:
         return list(self._infos)
 
     def close(self) -> None:
-        """Release every resource (connections, executors); safe to call twice."""
+        """Release every resource (executor, transports, plugins'); safe to call twice.
+
+        Calls already submitted finish first: none is dropped.
+        """
         with self._lock:
             if self._closing:
                 return
             self._closing = True  # no new submit() from here on
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True)  # submitted calls finish; none is dropped
+            executor.shutdown(wait=True)
         self._closed = True
+        with self._lock:
+            transports = {id(t): t for t in self._transports.values()}.values()
+            self._transports.clear()
+        for transport in transports:  # one transport may serve several schemes
+            transport.close()
         self._pm.hook.dispatchkit_close(dispatcher=self)
 
     def __enter__(self) -> Dispatcher:
@@ -277,67 +262,16 @@ class Dispatcher:
 
     # -- the pipeline ---------------------------------------------------------------
 
-    def _build(
-        self,
-        url: str,
-        method: str,
-        kwargs: Mapping[str, Any],
-        timeout: float | None,
-        headers: Mapping[str, str] | None,
-        task_id: str | None,
-        json: bool,
-    ) -> Request:
+    def _build(self, call: Call) -> Request:
         try:
-            if task_id:
-                check_header("Idempotency-Key", task_id)
-            else:
-                task_id = new_task_id()
-            return self._encode(url, method, kwargs, timeout, headers, task_id, json)
+            return build_request(call, self._headers, self.settings.timeout)
         except DispatchError as exc:
             # Nothing was sent, but the error still says which call it was.
+            url, task_id = call.url, call.task_id or new_task_id()
             shown = url if isinstance(url, str) else repr(url)
             if not (isinstance(task_id, str) and task_id.isprintable()):
                 task_id = repr(task_id)  # a refused one: never a line break into a log
-            raise exc.with_context(task_id, str(method).upper(), shown) from exc.__cause__
-
-    def _encode(
-        self,
-        url: str,
-        method: str,
-        kwargs: Mapping[str, Any],
-        timeout: float | None,
-        headers: Mapping[str, str] | None,
-        task_id: str,
-        json: bool,
-    ) -> Request:
-        if not isinstance(url, str):
-            raise UsageError(f"url must be a str, got {type(url).__name__}")
-        method = normalize_method(method)
-        request_headers = dict(self._headers)
-        if headers:
-            check_headers(headers)
-            _merge_headers(request_headers, headers)
-        body: bytes | None = None
-        if method in QUERY_METHODS:
-            if json:
-                raise UsageError(f"json=True needs a method with a body, not {method}")
-            url = merge_query(url, form_pairs(kwargs))
-        elif json:
-            body = json_body(kwargs)
-            request_headers["Content-Type"] = JSON
-        else:
-            body = form_body(form_pairs(kwargs))
-            request_headers["Content-Type"] = FORM
-        request_headers["Idempotency-Key"] = task_id
-        if timeout is None:
-            timeout = self.settings.timeout
-        elif (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not 0 < timeout < math.inf
-        ):
-            raise UsageError(f"timeout must be a positive, finite number, got {timeout!r}")
-        return Request(method, url, kwargs, request_headers, body, task_id, timeout)
+            raise exc.with_context(task_id, str(call.method).upper(), shown) from exc.__cause__
 
     def _run(self, request: Request) -> Any:
         if self._closed:
@@ -348,11 +282,11 @@ class Dispatcher:
             try:
                 response = self._attempt(request, transport)
             except DispatchError as first:
-                # The first attempt runs outside tenacity, which costs more than
-                # the rest of the pipeline; the policy takes over from a failure.
+                # The first attempt runs outside tenacity, which costs more than the
+                # rest of the pipeline; from its failure on, the policy decides.
                 if self._retrying is None:
                     raise
-                response = self._retrying(self._retry, request, transport, [first])
+                response = self._retrying(_AfterFailure(first, self._attempt, request, transport))
             retval = self._answers.retval(request, response)
         except DispatchError as exc:
             exc.bind(request)
@@ -372,7 +306,7 @@ class Dispatcher:
             )
         return retval
 
-    def _attempt(self, request: Request, transport: Any) -> Response:
+    def _attempt(self, request: Request, transport: Transport) -> Response:
         request.attempt += 1
         try:
             if self._prepare is not None:
@@ -390,14 +324,9 @@ class Dispatcher:
             return response
         raise self._answers.status_error(request, response)
 
-    def _retry(self, request: Request, transport: Any, failed: list[DispatchError]) -> Response:
-        if failed:
-            raise failed.pop()  # show tenacity the failed first attempt: its policy decides on it
-        return self._attempt(request, transport)
-
     # -- strategies, resolved once ------------------------------------------------
 
-    def _transport_for(self, request: Request) -> Any:
+    def _transport_for(self, request: Request) -> Transport:
         scheme = request.url.partition(":")[0].lower() if "://" in request.url else ""
         transport = self._transports.get(scheme)
         if transport is not None:
@@ -407,6 +336,8 @@ class Dispatcher:
         with self._lock:
             transport = self._transports.get(scheme)
             if transport is None:
+                if self._closing:
+                    raise UsageError("this Dispatcher is closed", request=request)
                 transport = self._pm.hook.dispatchkit_transport(scheme=scheme, dispatcher=self)
                 if transport is None:
                     raise UsageError(f"no transport for scheme {scheme!r}", request=request)
@@ -427,19 +358,27 @@ class Dispatcher:
             log.exception("a dispatchkit_call_done hook failed for task %s", request.task_id)
 
 
-def _merge_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
-    """Add ``extra`` to ``headers``; a name given in any case replaces the default's."""
-    lowered = {name.lower(): name for name in headers}
-    for name, value in extra.items():
-        existing = lowered.get(name.lower())
-        if existing is not None and existing != name:
-            del headers[existing]
-        headers[name] = value
+class _AfterFailure:
+    """The attempts of one call, for tenacity to drive after the first one failed.
 
+    tenacity's first "attempt" re-raises the failure that already happened, so
+    the policy decides on it as if it had run it; every later one is real.
+    """
 
-def new_task_id() -> str:
-    """A uuid4 in hex, as ``uuid.uuid4().hex`` makes it, at a third of the cost."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
-    return raw.hex()
+    def __init__(
+        self,
+        failure: DispatchError,
+        attempt: Callable[[Request, Transport], Response],
+        request: Request,
+        transport: Transport,
+    ) -> None:
+        self._failure: DispatchError | None = failure
+        self._attempt = attempt
+        self._request = request
+        self._transport = transport
+
+    def __call__(self) -> Response:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        return self._attempt(self._request, self._transport)

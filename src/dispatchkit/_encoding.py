@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +12,8 @@ from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
 
 import orjson
 
+from dispatchkit._checks import seconds
+from dispatchkit._models import Call, Request
 from dispatchkit.exceptions import EncodeError, UsageError
 
 #: Methods whose arguments travel in the query string; the others send a body.
@@ -32,6 +35,61 @@ SENT_AS_IS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-F]{2})*")
 #: characters, spaces and tabs (never CR, LF, NUL or another control character).
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def build_request(call: Call, headers: Mapping[str, str], timeout: float) -> Request:
+    """The :class:`Request` that carries ``call`` over the wire: checked, encoded.
+
+    ``headers`` are the Dispatcher's own (User-Agent, ...), ``timeout`` its
+    default. The task id becomes the ``Idempotency-Key`` (a new one when the
+    call has none). Raises :class:`UsageError` or :class:`EncodeError`;
+    nothing is sent before this succeeds.
+    """
+    url, task_id = call.url, call.task_id
+    if not isinstance(url, str):
+        raise UsageError(f"url must be a str, got {type(url).__name__}")
+    if task_id:
+        check_header("Idempotency-Key", task_id)
+    else:
+        task_id = new_task_id()
+    method = normalize_method(call.method)
+    request_headers = dict(headers)
+    if call.headers:
+        check_headers(call.headers)
+        _merge_headers(request_headers, call.headers)
+    body: bytes | None = None
+    if method in QUERY_METHODS:
+        if call.json:
+            raise UsageError(f"json=True needs a method with a body, not {method}")
+        url = merge_query(url, form_pairs(call.kwargs))
+    elif call.json:
+        body = json_body(call.kwargs)
+        request_headers["Content-Type"] = JSON
+    else:
+        body = form_body(form_pairs(call.kwargs))
+        request_headers["Content-Type"] = FORM
+    request_headers["Idempotency-Key"] = task_id
+    if call.timeout is not None:
+        timeout = seconds(call.timeout, "timeout")
+    return Request(method, url, call.kwargs, request_headers, body, task_id, timeout)
+
+
+def new_task_id() -> str:
+    """A uuid4 in hex, as ``uuid.uuid4().hex`` makes it, at a third of the cost."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return raw.hex()
+
+
+def _merge_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
+    """Add ``extra`` to ``headers``; a name given in any case replaces the default's."""
+    lowered = {name.lower(): name for name in headers}
+    for name, value in extra.items():
+        existing = lowered.get(name.lower())
+        if existing is not None and existing != name:
+            del headers[existing]
+        headers[name] = value
 
 
 def normalize_method(method: object) -> str:

@@ -59,15 +59,6 @@ class Call:
     timeout: float | None = None
     headers: Mapping[str, str] | None = None
     json: bool = False
-    # The Request built from this call in this process, used once by Dispatcher.execute;
-    # never compared, shown or shipped.
-    _request: list[Request] = field(default_factory=list, compare=False, repr=False)
-
-    def attach_request(self, request: Request) -> None:
-        self._request[:] = [request]
-
-    def take_request(self) -> Request | None:
-        return self._request.pop() if self._request else None
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from dispatchkit._checks import count, seconds
 from dispatchkit._redact import SECRET_NAME, mask_url
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import UsageError
@@ -82,33 +82,18 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("timeout", "retry_max_time", "retry_after_cap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UsageError(f"setting {name!r} must be a number of seconds, got {value!r}")
-            if not (value > 0 and math.isfinite(value)):
-                raise UsageError(f"setting {name!r} must be positive and finite, got {value!r}")
-        if self.deadline is not None and (
-            isinstance(self.deadline, bool)
-            or not isinstance(self.deadline, (int, float))
-            or not 0 < self.deadline < math.inf
-        ):
-            raise UsageError(f"setting 'deadline' must be positive seconds, got {self.deadline!r}")
-        if isinstance(self.retry_backoff, bool) or not (
-            isinstance(self.retry_backoff, (int, float)) and 0 <= self.retry_backoff < math.inf
-        ):
-            raise UsageError(f"setting 'retry_backoff' must be >= 0, got {self.retry_backoff!r}")
+            seconds(getattr(self, name), f"setting {name!r}")
+        if self.deadline is not None:
+            seconds(self.deadline, "setting 'deadline'")
+        seconds(self.retry_backoff, "setting 'retry_backoff'", zero=True)
         for name in ("pool_maxsize", "max_pools", "max_response_bytes", "retry_attempts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"setting {name!r} must be a positive int, got {value!r}")
+            count(getattr(self, name), f"setting {name!r}")
         if self.egress not in ("any", "public"):
             raise UsageError(f"setting 'egress' must be 'any' or 'public', got {self.egress!r}")
         if isinstance(self.egress_allow, str):
             raise UsageError("setting 'egress_allow' takes a list of CIDRs and host names")
         object.__setattr__(self, "egress_allow", tuple(self.egress_allow))
-        follow = self.follow_redirects
-        if isinstance(follow, bool) or not isinstance(follow, int) or not 0 <= follow <= 30:
-            raise UsageError(f"setting 'follow_redirects' must be an int 0..30, got {follow!r}")
+        count(self.follow_redirects, "setting 'follow_redirects'", minimum=0, maximum=30)
         if not isinstance(self.executor, str) or not self.executor:
             raise UsageError(f"setting 'executor' must be a name, got {self.executor!r}")
         if self.client_key is not None and self.client_cert is None:

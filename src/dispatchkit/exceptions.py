@@ -88,6 +88,8 @@ class DispatchError(Exception):
     def __str__(self) -> str:
         if self.method is None:
             return self.message
+        if not self.task_id:  # refused before it was given an id
+            return f"{self.message} [{self.method} {self.url}]"
         return f"{self.message} [{self.method} {self.url} task {self.task_id}]"
 
     def _state(self) -> dict[str, Any]:

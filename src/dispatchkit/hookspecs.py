@@ -19,7 +19,7 @@ Hooks come in three groups:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     import tenacity
 
     from dispatchkit._dispatcher import Dispatcher
-    from dispatchkit._models import Codec, Outcome, Request, Transport
+    from dispatchkit._models import Codec, Executor, Outcome, Request, Transport
+    from dispatchkit._settings import Settings
 
 PROJECT = "dispatchkit"
 
@@ -39,19 +40,25 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def dispatchkit_configure(dispatcher: Dispatcher) -> None:
-    """Called once for every plugin when a Dispatcher is built.
+def dispatchkit_configure(settings: Settings) -> None:
+    """Called once for every plugin while a Dispatcher is built, before any other hook.
 
-    Read ``dispatcher.settings`` here (plugin-specific settings through
-    ``dispatcher.settings.extra(name, default)``) and open what the plugin needs.
+    Read the settings here (a plugin's own through ``settings.extra(name, default)``,
+    which also marks the name as understood) and check them: raising
+    :class:`~dispatchkit.UsageError` refuses the Dispatcher. There is no Dispatcher
+    to see yet: the hooks that need one (transport, codec, executor) get it.
 
-    :param dispatcher: the Dispatcher being built.
+    :param settings: the Dispatcher's :class:`~dispatchkit.Settings`.
     """
 
 
 @hookspec
 def dispatchkit_close(dispatcher: Dispatcher) -> None:
     """Called once for every plugin on ``Dispatcher.close()``; release resources.
+
+    The Dispatcher closes the transports it got from :func:`dispatchkit_transport`
+    and shuts its executor down itself, before this hook runs; a plugin only
+    releases what else it opened.
 
     :param dispatcher: the Dispatcher being closed.
     """
@@ -86,23 +93,25 @@ def dispatchkit_codec(media_type: str, dispatcher: Dispatcher) -> Codec | None:
 
 
 @hookspec(firstresult=True)
-def dispatchkit_retry_policy(dispatcher: Dispatcher) -> tenacity.Retrying | None:
+def dispatchkit_retry_policy(settings: Settings) -> tenacity.Retrying | None:
     """Return the tenacity ``Retrying`` that decides whether an attempt is repeated.
 
-    Called once per Dispatcher. The policy's predicates see the exception of a
-    failed attempt, a :class:`~dispatchkit.DispatchError` whose ``.request``
-    is the call; ``reraise=True`` is expected. Stops at the first non-``None``
-    result.
+    Called once per Dispatcher, after :func:`dispatchkit_configure`. The
+    policy's predicates see the exception of a failed attempt, a
+    :class:`~dispatchkit.DispatchError` whose ``.request`` is the call;
+    ``reraise=True`` is expected. Stops at the first non-``None`` result.
 
-    :param dispatcher: the Dispatcher asking.
+    :param settings: the Dispatcher's :class:`~dispatchkit.Settings`.
     """
 
 
 @hookspec(firstresult=True)
-def dispatchkit_executor(dispatcher: Dispatcher) -> Any:
-    """Return what runs asynchronous calls (``Dispatcher.submit``), or ``None``.
+def dispatchkit_executor(dispatcher: Dispatcher) -> Executor | None:
+    """Return the :class:`~dispatchkit.Executor` that runs asynchronous calls, or ``None``.
 
-    Called once, at the first ``submit()``. Stops at the first non-``None`` result.
+    Called once, at the first ``submit()``; the executor runs each
+    :class:`~dispatchkit.Call` through ``dispatcher.execute(call)``, here or in
+    another process. Stops at the first non-``None`` result.
 
     :param dispatcher: the Dispatcher asking.
     """

@@ -12,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from dispatchkit._checks import count
 from dispatchkit._models import Call
 from dispatchkit._results import AsyncResult
 from dispatchkit.exceptions import UsageError
@@ -19,6 +20,7 @@ from dispatchkit.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from dispatchkit._dispatcher import Dispatcher
+    from dispatchkit._settings import Settings
 
 
 NAME = "threads"
@@ -50,12 +52,10 @@ class Plugin:
         self._threads: int | None = None
 
     @hookimpl(trylast=True)
-    def dispatchkit_configure(self, dispatcher: Dispatcher) -> None:
-        threads = dispatcher.settings.extra("executor_threads")
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-        ):
-            raise UsageError(f"setting 'executor_threads' must be a positive int, got {threads!r}")
+    def dispatchkit_configure(self, settings: Settings) -> None:
+        threads = settings.extra("executor_threads")
+        if threads is not None:
+            count(threads, "setting 'executor_threads'")
         self._threads = threads
 
     @hookimpl(trylast=True)

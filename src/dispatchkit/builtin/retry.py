@@ -28,7 +28,7 @@ from dispatchkit.exceptions import (
 from dispatchkit.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from dispatchkit._dispatcher import Dispatcher
+    from dispatchkit._settings import Settings
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -107,8 +107,10 @@ class Plugin:
     name = "retry"
 
     @hookimpl(trylast=True)
-    def dispatchkit_retry_policy(self, dispatcher: Dispatcher) -> tenacity.Retrying:
-        s = dispatcher.settings
+    def dispatchkit_retry_policy(self, settings: Settings) -> tenacity.Retrying:
         return default_policy(
-            s.retry_attempts, s.retry_max_time, s.retry_backoff, s.retry_after_cap
+            settings.retry_attempts,
+            settings.retry_max_time,
+            settings.retry_backoff,
+            settings.retry_after_cap,
         )

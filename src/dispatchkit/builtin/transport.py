@@ -469,7 +469,10 @@ def _reason(exc: BaseException) -> str:
 
 
 class Plugin:
-    """Gives every Dispatcher one :class:`PoolTransport` for http and https."""
+    """Gives every Dispatcher one :class:`PoolTransport` for http and https.
+
+    The Dispatcher closes it (``Transport.close``) when it is closed itself.
+    """
 
     name = "transport"
 
@@ -483,8 +486,3 @@ class Plugin:
         if self._transport is None:
             self._transport = PoolTransport(dispatcher.settings)
         return self._transport
-
-    @hookimpl(trylast=True)
-    def dispatchkit_close(self, dispatcher: Dispatcher) -> None:
-        if self._transport is not None:
-            self._transport.close()

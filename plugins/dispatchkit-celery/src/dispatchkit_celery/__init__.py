@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dispatchkit import Dispatcher, hookimpl
+from dispatchkit import Dispatcher, Settings, hookimpl
 
 if TYPE_CHECKING:
     from dispatchkit_celery._executor import CeleryExecutor
@@ -40,8 +40,8 @@ class CeleryPlugin:
         self._options: dict[str, Any] = {}
 
     @hookimpl
-    def dispatchkit_configure(self, dispatcher: Dispatcher) -> None:
-        extra = dispatcher.settings.extra
+    def dispatchkit_configure(self, settings: Settings) -> None:
+        extra = settings.extra
         self._options = {
             "app": extra("celery_app"),
             "broker": extra("celery_broker"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatchkit import Dispatcher, Request, hookimpl
+from dispatchkit import Request, Settings, hookimpl
 from dispatchkit.signing import SigningKeys, sign_request
 
 __all__ = ["SETTING", "SigningPlugin"]
@@ -32,8 +32,8 @@ class SigningPlugin:
         return f"<SigningPlugin {state}>"
 
     @hookimpl
-    def dispatchkit_configure(self, dispatcher: Dispatcher) -> None:
-        secret = dispatcher.settings.extra(SETTING)
+    def dispatchkit_configure(self, settings: Settings) -> None:
+        secret = settings.extra(SETTING)
         if secret is not None:
             self.keys = SigningKeys.parse(secret, name=SETTING)
 

@@ -1,0 +1,37 @@
+"""Checks of numbers given by users (settings, per-call options, server limits).
+
+``bool`` is an ``int`` to Python but never a number here: ``timeout=True`` is
+a mistake, not one second. Each check returns the value it accepted, and
+raises :class:`~dispatchkit.UsageError` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dispatchkit.exceptions import UsageError
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def seconds(value: object, what: str, *, zero: bool = False) -> float:
+    """``value`` if it is a finite number of seconds, positive (or ``>= 0`` with ``zero``)."""
+    if not _is_number(value):
+        raise UsageError(f"{what} must be a number of seconds, got {value!r}")
+    number = float(value)  # type: ignore[arg-type]  # _is_number said int or float
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+        bound = ">= 0" if zero else "positive"
+        raise UsageError(f"{what} must be {bound} and finite, got {value!r}")
+    return number
+
+
+def count(value: object, what: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` if it is an ``int`` within ``minimum..maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{what} must be an int, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise UsageError(f"{what} must be {bound}, got {value!r}")
+    return value
