@@ -34,6 +34,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _backlog(text: str) -> int:
+    try:
+        backlog = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if backlog < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return backlog
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "app",
@@ -43,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument(
         "--port", type=_port, default=8000, help="port to bind; 0 picks a free one (default: 8000)"
+    )
+    parser.add_argument(
+        "--backlog",
+        type=_backlog,
+        default=None,
+        help="connections the kernel may queue before they are accepted; "
+        "the kernel caps it (default: 1024)",
     )
     parser.add_argument(
         "--log-level",
@@ -122,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    server = app.server(host=args.host, port=args.port)
+    backlog = {} if args.backlog is None else {"backlog": args.backlog}
+    server = app.server(host=args.host, port=args.port, **backlog)
     try:
         server.start()
     except OSError as exc:

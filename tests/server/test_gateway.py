@@ -7,6 +7,7 @@ wait is bounded: polling loops give up after TIMEOUT seconds.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from conftest import require
 from dispatchkit import Dispatcher, Outcome, Request, hookimpl
 from dispatchkit.server import TaskApp, TaskServer
 from dispatchkit.server._gateway import Gateway, route
-from dispatchkit.server._store import ResultStore
+from dispatchkit.server._store import ResultStore, StoreFull
 from support.node_peer import NODE
 
 TIMEOUT = 10.0
@@ -77,6 +79,12 @@ def make_app(probe: Probe, **options: Any) -> TaskApp:
         probe.release.wait(TIMEOUT)
         probe.count("wait")
         return "released"
+
+    @app.task
+    def hold(payload: str) -> int:  # a running call that holds its arguments
+        probe.count("hold")
+        probe.release.wait(TIMEOUT)
+        return len(payload)
 
     @app.task
     def boom() -> None:
@@ -483,12 +491,162 @@ def test_store_replace_keeps_age_and_discard_removes() -> None:
     assert store.get("b") is None
 
 
+# -- the store's bound in bytes ---------------------------------------------------------
+
+
+def post_form(client: Client, path: str, form: bytes, **headers: str) -> tuple[Any, Any]:
+    return client.request("POST", path, form, {"Content-Type": FORM, **headers})
+
+
+def test_a_failed_call_keeps_its_status_not_its_request(
+    serve: Callable[..., tuple[TaskApp, Client]],
+) -> None:
+    app, client = serve()
+    assert app._gateway is not None
+    # made once: the Dispatcher, its pool and threads, the source lines tracebacks show
+    client.wait(client.apply("multiply", "x=1&y=1"))
+    client.wait(client.apply("multiply", "x=a&y=1"))
+    form = b"y=1&x=" + b"a" * 1_000_000  # a 1 MB form the task refuses
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        ids = []
+        for _ in range(10):
+            response, answer = post_form(client, "/apply/multiply", form)
+            assert response.status == 200
+            ids.append(answer["task_id"])
+        for task_id in ids:
+            task = client.wait(task_id)
+            assert task["status"] == "FAILURE"
+            assert task["result"].startswith("argument 'x': invalid int 'aaa")
+        del response, answer, task
+        # no gc.collect(): what a finished call leaves must go by reference counting
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # each failed call held its 1 MB request (twice over) before; now only its status
+    assert retained < 1_000_000, f"{retained} bytes retained by 10 failed applies"
+    assert len(app._gateway.store) == 12
+    assert 12 * 500 < app._gateway.store.nbytes < 12 * 10_000  # the status answers
+
+
+def test_a_full_store_refuses_applies_with_503_and_retry_after(
+    serve: Callable[..., tuple[TaskApp, Client]], probe: Probe
+) -> None:
+    _, client = serve(results_max_bytes=300_000)
+    payload = b"payload=" + b"p" * 120_000
+    held = []
+    for key in ("first", "second"):  # two running calls hold 2 x 120 kB of arguments
+        response, answer = post_form(client, "/apply/hold", payload, **{"Idempotency-Key": key})
+        assert (response.status, answer["task_id"]) == (200, key)
+        held.append(key)
+    response, answer = post_form(client, "/apply/hold", payload)
+    assert response.status == 503
+    # a running call frees its arguments when it finishes: try again soon
+    assert response.headers["Retry-After"] == "1"
+    assert answer == {
+        "status": "failure",
+        "reason": "the gateway's result store is full (results_max_bytes); try again later",
+    }
+    # a retry of a stored apply is answered as before; a small apply still fits
+    response, answer = post_form(client, "/apply/hold", payload, **{"Idempotency-Key": "first"})
+    assert (response.status, answer["task_id"]) == (200, "first")
+    assert client.wait(client.apply("multiply", "x=6&y=7"))["result"] == 42
+    probe.release.set()
+    for key in held:
+        assert client.wait(key)["result"] == 120_000
+    assert probe.calls["hold"] == 2  # the refused apply never ran
+    # finished, the two calls keep only their status: room again
+    response, answer = post_form(client, "/apply/hold", payload)
+    assert response.status == 200
+    assert client.wait(answer["task_id"])["result"] == 120_000
+
+
+def test_expiring_results_free_their_room(
+    serve: Callable[..., tuple[TaskApp, Client]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, client = serve(results_max_bytes=21_000, results_max_age=60.0)
+    assert app._gateway is not None
+    now = [1000.0]
+    monkeypatch.setattr(app._gateway.store, "_clock", lambda: now[0])
+    text = "d" * 6000
+    ids = []
+    for _ in range(3):  # finished results of about 6 kB each
+        ids.append(client.apply("describe", f"text={text}"))
+        assert client.wait(ids[-1])["result"] == {"text": text}
+    now[0] += 10.0
+    response, _ = client.request("GET", f"/apply/describe?text={text}")
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "50"  # the oldest result expires in 50 s
+    now[0] += 49.0
+    assert client.request("GET", f"/apply/describe?text={text}")[0].status == 503
+    now[0] += 1.0
+    assert client.status(ids[0])["status"] == "PENDING"  # expired, and its room is free
+    assert client.wait(client.apply("describe", f"text={text}"))["result"] == {"text": text}
+
+
+def test_an_apply_larger_than_the_whole_store_is_a_413(
+    serve: Callable[..., tuple[TaskApp, Client]], probe: Probe
+) -> None:
+    _, client = serve(results_max_bytes=1000)
+    response, answer = client.request("GET", "/apply/multiply?y=1&x=" + "7" * 2000)
+    assert response.status == 413
+    assert answer["reason"].startswith("the arguments (")
+    assert "exceed results_max_bytes (1000)" in answer["reason"]
+    assert probe.calls["multiply"] == 0
+
+
+def test_store_counts_bytes_and_refuses_what_does_not_fit() -> None:
+    now = [0.0]
+    store: ResultStore[str] = ResultStore(10, 60.0, max_bytes=100, clock=lambda: now[0])
+    assert store.add("a", "running a", size=40)
+    now[0] = 5.0
+    assert store.add("b", "running b", size=40)
+    assert store.nbytes == 80
+    with pytest.raises(StoreFull) as full:
+        store.add("c", "c", size=30)
+    assert full.value.retry_after == 1  # a running entry may shrink any moment
+    assert not store.add("a", "again", size=1000)  # present: answered, not refused
+    assert store.settle("a", "running a", "done a", size=10)
+    assert not store.settle("a", "running a", "stale", size=99)  # not the expected value
+    assert (store.get("a"), store.nbytes) == ("done a", 50)
+    assert store.settle("b", "running b", "done b", size=40)
+    assert store.add("c", "c", size=40)
+    assert store.settle("c", "c", "done c", size=40)
+    with pytest.raises(StoreFull) as full:
+        store.add("d", "d", size=30)  # only expiry makes room now: "b" expires at 65
+    assert full.value.retry_after == 60
+    with pytest.raises(StoreFull) as full:
+        store.add("huge", "h", size=101)
+    assert full.value.retry_after is None  # it never fits
+    store.discard("c")
+    assert store.nbytes == 50
+    now[0] = 60.0  # "a" expires
+    assert store.add("d", "d", size=50)
+    assert (store.get("a"), store.nbytes) == (None, 90)
+
+
+def test_store_eviction_by_count_frees_bytes() -> None:
+    store: ResultStore[int] = ResultStore(2, 60.0, max_bytes=100, clock=lambda: 0.0)
+    store.add("a", 1, size=60)
+    store.add("b", 2, size=30)
+    assert store.add("c", 3, size=60)  # evicting "a" for the count makes room for it
+    assert (store.get("a"), store.nbytes) == (None, 90)
+    with pytest.raises(StoreFull):
+        store.add("d", 4, size=80)  # evicting "b" would not make room: nothing is evicted
+    assert (store.get("b"), store.nbytes) == (2, 90)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"results_max": 0}, "results_max must be a positive int"),
         ({"results_max": True}, "results_max must be a positive int"),
         ({"results_max_age": 0}, "results_max_age must be a positive number"),
+        ({"results_max_bytes": 0}, "results_max_bytes must be a positive int"),
+        ({"results_max_bytes": 1.5}, "results_max_bytes must be a positive int"),
+        ({"gateway": False, "results_max_bytes": 5}, "need gateway=True"),
         ({"callback_url": "ftp://host"}, "callback_url must be an http"),
         ({"callback_url": "http://host/?q=1"}, "callback_url must be an http"),
         ({"gateway": False, "results_max": 5}, "need gateway=True"),

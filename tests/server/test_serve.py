@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import http.client
 import json
 import os
+import select
+import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import wsgiref.simple_server
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from wsgiref.validate import validator
 
@@ -317,6 +324,220 @@ def test_failing_wsgi_app_gets_json_500(caplog: pytest.LogCaptureFixture) -> Non
     assert envelope == {"status": "failure", "reason": "internal server error"}
 
 
+# -- the listen backlog -----------------------------------------------------------------
+
+
+def somaxconn() -> int:
+    """The kernel's cap on a listen backlog (Linux)."""
+    return int(Path("/proc/sys/net/core/somaxconn").read_text(encoding="ascii"))
+
+
+def connects_completed(server: TaskServer, count: int, wait: float) -> int:
+    """Connect ``count`` clients to a server that accepts none; how many got established.
+
+    Nothing calls accept(), so only the listen queue holds them: once it is full
+    the kernel drops the next SYNs, and those connects stay in progress (SYN
+    retries) until the wait ends. Waits until all are established, at most
+    ``wait`` seconds.
+    """
+    sockets: list[socket.socket] = []
+    established = 0
+    with selectors.DefaultSelector() as selector:
+        try:
+            for _ in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setblocking(False)
+                error = sock.connect_ex((server.host, server.port))
+                assert error in (0, errno.EINPROGRESS), os.strerror(error)
+                selector.register(sock, selectors.EVENT_WRITE)
+            deadline = time.monotonic() + wait
+            while selector.get_map() and (left := deadline - time.monotonic()) > 0:
+                for key, _ in selector.select(left):
+                    sock = key.fileobj  # type: ignore[assignment]
+                    selector.unregister(sock)
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                        established += 1
+        finally:
+            for sock in sockets:
+                sock.close()
+    return established
+
+
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not LINUX, reason="the listen queue's overflow behaviour is Linux's")
+def test_the_listen_queue_holds_a_burst_of_200_connections() -> None:
+    count = min(200, somaxconn())  # the kernel caps the backlog at somaxconn
+    assert count > 6, "somaxconn too small to tell a backlog of 5 from a larger one"
+    server = make_app().server(port=0).listen()  # listening, but nothing accepts yet
+    try:
+        assert connects_completed(server, count, wait=5.0) == count
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not LINUX, reason="the listen queue's overflow behaviour is Linux's")
+def test_backlog_is_the_listen_queue_size() -> None:
+    server = make_app().server(port=0, backlog=8).listen()
+    try:
+        # Linux queues backlog + 1 connections; the rest stay in SYN retry
+        assert connects_completed(server, 40, wait=0.5) < 40
+    finally:
+        server.stop()
+    with make_app().server(port=0, backlog=300) as served:  # and serves as usual
+        conn = http.client.HTTPConnection(served.host, served.port, timeout=TIMEOUT)
+        try:
+            assert call(conn, "GET", "/multiply?x=2&y=3")[1]["retval"] == 6
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("backlog", [0, -1, 1.5, True])
+def test_bad_backlog(backlog: Any) -> None:
+    with pytest.raises(ValueError, match="backlog"):
+        make_app().server(backlog=backlog)
+
+
+# -- request_timeout: a request must arrive whole in time -------------------------------
+
+
+def open_connections(server: TaskServer) -> int:
+    """Connections the server still holds (each one is a thread)."""
+    httpd = server._httpd
+    return 0 if httpd is None else len(httpd._connections)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {TIMEOUT}s")
+        time.sleep(0.01)
+
+
+def trickle(
+    server: TaskServer, prefix: bytes, trickled: bytes, clients: int, most: int = 50
+) -> list[bytes]:
+    """``clients`` connections send ``prefix`` at once, then ``trickled`` one byte every 0.2 s.
+
+    Each stops when the server closes its connection; every one gives up after
+    ``most`` trickled bytes (10 s). Returns what each received, and fails the
+    test if a connection was still open at the end.
+    """
+    assert len(trickled) >= most
+    received = [bytearray() for _ in range(clients)]
+    open_ = dict(
+        enumerate(
+            socket.create_connection((server.host, server.port), TIMEOUT) for _ in range(clients)
+        )
+    )
+    try:
+        for sock in open_.values():
+            sock.sendall(prefix)
+        for sent in range(most):
+            for sock in open_.values():
+                with contextlib.suppress(OSError):  # the server may have closed it
+                    sock.send(trickled[sent : sent + 1])
+            readable, _, _ = select.select(list(open_.values()), [], [], 0.2)
+            for index, sock in list(open_.items()):
+                if sock in readable:
+                    try:
+                        data = sock.recv(65536)
+                    except ConnectionResetError:
+                        data = b""
+                    received[index] += data
+                    if not data:
+                        sock.close()
+                        del open_[index]
+            if not open_:
+                break
+        assert not open_, f"{len(open_)} trickling connections still open after {most} bytes"
+    finally:
+        for sock in open_.values():
+            sock.close()
+    return [bytes(data) for data in received]
+
+
+HEAD = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "trickled"),
+    [
+        pytest.param(b"", b"GET /multiply?x=1&y=2 HTTP/1.1\r\nX-Pad: " + b"a" * 100, id="head"),
+        pytest.param(HEAD + b"Content-Length: 200\r\n\r\n", b"s=" + b"a" * 198, id="body"),
+        pytest.param(
+            b"GET /multiply?x=1&y=2 HTTP/1.1\r\nHost: x\r\n\r\nGET /multiply?x=3",
+            b"&y=4 HTTP/1.1\r\nX-Pad: " + b"a" * 100,
+            id="pipelined-after-a-whole-request",
+        ),
+    ],
+)
+def test_a_trickled_request_gets_408_after_request_timeout(prefix: bytes, trickled: bytes) -> None:
+    # idle_timeout is far away: each byte arrives within it, so only request_timeout can end this
+    with make_app().server(port=0, idle_timeout=60.0, request_timeout=1.0) as server:
+        answers = trickle(server, prefix, trickled, clients=20)
+        wait_until(lambda: open_connections(server) == 0, "the server threads were not freed")
+    for raw in answers:
+        if prefix.startswith(b"GET"):  # the whole request before the trickled one is answered
+            first, _, raw = raw.partition(b"}")
+            assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+        status_line, headers, envelope = split_response(raw)
+        assert status_line == "HTTP/1.1 408 Request Timeout"
+        assert headers["connection"] == "close"
+        assert envelope["status"] == "failure"
+        assert "request_timeout" in envelope["reason"]
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"GET /multiply?x=1&y=2 HTTP/1.1\r\nHost", id="mid-head"),
+        pytest.param(HEAD + b"Content-Length: 20\r\n\r\ns=abc", id="mid-body"),
+    ],
+)
+def test_a_request_stalled_midway_gets_408_after_idle_timeout(sent: bytes) -> None:
+    with make_app().server(port=0, idle_timeout=0.3, request_timeout=60.0) as server:
+        raw = raw_exchange(server, sent)
+    status_line, headers, envelope = split_response(raw)
+    assert status_line == "HTTP/1.1 408 Request Timeout"
+    assert headers["connection"] == "close"
+    assert "idle_timeout" in envelope["reason"]
+
+
+def test_request_timeout_starts_with_a_request_already_buffered() -> None:
+    # the start of the second request arrives with the first: its clock starts when the
+    # server turns to it, not when more bytes come (which would first wait idle_timeout)
+    with make_app().server(port=0, idle_timeout=5.0, request_timeout=0.5) as server:
+        raw = raw_exchange(server, b"GET /multiply?x=1&y=2 HTTP/1.1\r\nHost: x\r\n\r\nGET /mul")
+    first, _, raw = raw.partition(b"}")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    status_line, _, envelope = split_response(raw)
+    assert status_line == "HTTP/1.1 408 Request Timeout"
+    assert "request_timeout" in envelope["reason"]
+
+
+def test_request_timeout_bounds_each_request_not_the_connection() -> None:
+    with make_app().server(port=0, request_timeout=0.3) as server:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=TIMEOUT)
+        try:
+            assert call(conn, "GET", "/multiply?x=2&y=3")[1]["retval"] == 6
+            time.sleep(0.6)  # idle between requests: idle_timeout's business, not request_timeout's
+            form = {"Content-Type": "application/x-www-form-urlencoded"}
+            assert call(conn, "POST", "/echo", "s=again", form)[1]["retval"] == "again"
+        finally:
+            conn.close()
+        assert server.stats.connections_opened == 1
+
+
+@pytest.mark.parametrize("request_timeout", [0, -1.0])
+def test_bad_request_timeout(request_timeout: float) -> None:
+    with pytest.raises(ValueError, match="request_timeout"):
+        make_app().server(request_timeout=request_timeout)
+
+
 # -- lifecycle --------------------------------------------------------------------------
 
 
@@ -394,6 +615,69 @@ def test_serve_prints_the_url_and_stops_on_ctrl_c() -> None:
                 process.wait(TIMEOUT)
     assert process.returncode == 0
     assert out == "stopped\n"
+
+
+SS = shutil.which("ss")
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on 127.0.0.1:``port``: ``ss`` shows it as Send-Q."""
+    shown = subprocess.run(
+        [str(SS), "-Hltn", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    ).stdout
+    (line,) = shown.splitlines()
+    return int(line.split()[2])
+
+
+@pytest.mark.skipif(not LINUX or SS is None, reason="reads the backlog with Linux's ss")
+def test_the_default_backlog_is_1024() -> None:
+    with make_app().server(port=0) as server:
+        assert listen_backlog(server.port) == min(1024, somaxconn())
+
+
+BACKLOG_TASKS_MODULE = """
+from dispatchkit.server import TaskApp
+
+app = TaskApp()
+
+
+@app.task
+def multiply(x: int, y: int) -> int:
+    return x * y
+"""
+
+
+@pytest.mark.skipif(not LINUX or SS is None, reason="reads the backlog with Linux's ss")
+def test_serve_command_takes_a_backlog(tmp_path: Path) -> None:
+    (tmp_path / "backlog_tasks_mod.py").write_text(BACKLOG_TASKS_MODULE)
+    argv = [sys.executable, "-m", "dispatchkit", "serve", "backlog_tasks_mod:app", "--port", "0"]
+    with subprocess.Popen(
+        [*argv, "--backlog", "77"], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            readable, _, _ = select.select([process.stdout], [], [], TIMEOUT)
+            assert readable, "no output from `dispatchkit serve` in time"
+            line = process.stdout.readline()
+            assert line.startswith("Serving 1 task on http://127.0.0.1:"), line
+            port = int(line.rsplit(":", 1)[1].rstrip("/\n"))
+            assert listen_backlog(port) == 77
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(TIMEOUT)
+    assert process.returncode == 0
+    refused = subprocess.run(
+        [*argv, "--backlog", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert refused.returncode == 2
+    assert "--backlog: must be at least 1: '0'" in refused.stderr
 
 
 # -- WSGI compliance --------------------------------------------------------------------

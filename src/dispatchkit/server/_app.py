@@ -15,8 +15,15 @@ import orjson
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Codec, Envelope
 from dispatchkit.server._convert import ArgumentError, FormValues, TaskSpec
-from dispatchkit.server._gateway import Gateway, GatewayError, forwarded, route, task_id_from
-from dispatchkit.server._serve import TaskServer
+from dispatchkit.server._gateway import (
+    RESULTS_MAX_BYTES,
+    Gateway,
+    GatewayError,
+    forwarded,
+    route,
+    task_id_from,
+)
+from dispatchkit.server._serve import BACKLOG, TaskServer
 from dispatchkit.server._signing import REPLAY_MAX, CallbackSigner, Refused, RequestVerifier
 from dispatchkit.signing import signs_body
 
@@ -61,7 +68,9 @@ class TaskApp:
     given), calling the task at ``callback_url`` (by default the server the
     request reached, from the WSGI environ, never the Host header);
     ``/<id>/status`` and ``/<id>/done`` read the result, kept for at most
-    ``results_max`` calls and ``results_max_age`` seconds.
+    ``results_max`` calls and ``results_max_age`` seconds, in at most
+    ``results_max_bytes`` (the arguments of a call until it finishes, then its
+    status; an apply that does not fit gets 503 with ``Retry-After``).
 
     ``signing_secret`` (``"whsec_<base64>"``, raw ``bytes``, or a list of them
     during a key rotation) makes every task request and every ``/apply`` carry
@@ -83,6 +92,7 @@ class TaskApp:
         callback_url: str | None = None,
         results_max: int = _RESULTS_MAX,
         results_max_age: float = _RESULTS_MAX_AGE,
+        results_max_bytes: int = RESULTS_MAX_BYTES,
         signing_secret: SecretInput | None = None,
         signing_tolerance: float = 300.0,
         signing_replay_max: int = REPLAY_MAX,
@@ -107,15 +117,17 @@ class TaskApp:
                     callback_url=callback_url,
                     results_max=results_max,
                     results_max_age=results_max_age,
+                    results_max_bytes=results_max_bytes,
                 )
             except BaseException:
                 self.close()  # the Dispatcher made above for signed callbacks
                 raise
-        elif (dispatcher, callback_url, results_max, results_max_age) != (
-            None, None, _RESULTS_MAX, _RESULTS_MAX_AGE,
+        elif (dispatcher, callback_url, results_max, results_max_age, results_max_bytes) != (
+            None, None, _RESULTS_MAX, _RESULTS_MAX_AGE, RESULTS_MAX_BYTES,
         ):  # fmt: skip
             raise ValueError(
-                "dispatcher, callback_url, results_max and results_max_age need gateway=True"
+                "dispatcher, callback_url, results_max, results_max_age and results_max_bytes "
+                "need gateway=True"
             )
         if codec is None:
             from dispatchkit.builtin.codec import JSONCodec
@@ -163,16 +175,41 @@ class TaskApp:
         return register if func is None else register(func)
 
     def server(
-        self, host: str = "127.0.0.1", port: int = 0, *, idle_timeout: float = 30.0
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        idle_timeout: float = 30.0,
+        request_timeout: float = 30.0,
+        backlog: int = BACKLOG,
     ) -> TaskServer:
         """A :class:`TaskServer` for this app, not yet started; ``with`` starts it."""
-        return TaskServer(self, host=host, port=port, idle_timeout=idle_timeout)
+        return TaskServer(
+            self,
+            host=host,
+            port=port,
+            idle_timeout=idle_timeout,
+            request_timeout=request_timeout,
+            backlog=backlog,
+        )
 
     def serve(
-        self, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = 30.0
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        idle_timeout: float = 30.0,
+        request_timeout: float = 30.0,
+        backlog: int = BACKLOG,
     ) -> None:
         """Serve until interrupted (Ctrl-C), on the keep-alive threaded server."""
-        server = self.server(host=host, port=port, idle_timeout=idle_timeout).listen()
+        server = self.server(
+            host=host,
+            port=port,
+            idle_timeout=idle_timeout,
+            request_timeout=request_timeout,
+            backlog=backlog,
+        ).listen()
         print(f"Serving {len(self._specs)} tasks on {server.url}/", flush=True)
         try:
             server.serve_forever()
@@ -274,7 +311,7 @@ class TaskApp:
                 task_id = _from_latin1(arg)
                 answer = gateway.status(task_id) if action == "status" else gateway.done(task_id)
         except GatewayError as exc:
-            raise Refused(exc.status, exc.reason) from None
+            raise Refused(exc.status, exc.reason, exc.headers) from None
         try:
             return orjson.dumps(answer)
         except TypeError as exc:

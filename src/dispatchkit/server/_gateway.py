@@ -4,12 +4,15 @@ This is the seed's ``celery.views.apply`` / ``task_status`` / ``is_task_done``
 (its ``celery_http_gateway`` example): ``/apply/<name>`` hands the call to a
 :class:`~dispatchkit.Dispatcher`'s executor, which calls the app's own task
 endpoint; ``/<id>/status`` and ``/<id>/done`` read the result from a bounded
-store. :class:`~dispatchkit.server.TaskApp` does the HTTP side (routing,
-arguments, errors); this module holds the gateway's state and its answers.
+store, which keeps of a finished call only what its status shows.
+:class:`~dispatchkit.server.TaskApp` does the HTTP side (routing, arguments,
+errors); this module holds the gateway's state and its answers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 import re
 import threading
@@ -20,17 +23,20 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
+import orjson
+
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Result
+from dispatchkit._results import AsyncResult
 from dispatchkit.exceptions import DispatchError, EncodeError, RemoteExecuteError
 from dispatchkit.server._convert import FormValues
-from dispatchkit.server._store import ResultStore
+from dispatchkit.server._store import ResultStore, StoreFull
 from dispatchkit.states import FAILURE, PENDING, SUCCESS
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-__all__ = ["APPLY_PREFIX", "Gateway", "GatewayError", "Route", "route"]
+__all__ = ["APPLY_PREFIX", "RESULTS_MAX_BYTES", "Gateway", "GatewayError", "Route", "route"]
 
 logger = logging.getLogger("dispatchkit.server")
 
@@ -44,15 +50,22 @@ _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 _HOST = re.compile(r"[A-Za-z0-9._~%:-]+|\[[0-9A-Fa-f:.%]+\]")
 # A finished result answers get() at once; this only bounds an executor that does not.
 _READ_TIMEOUT = 5.0
+#: The result store's default bound in bytes.
+RESULTS_MAX_BYTES = 64 << 20
+# What an entry of the store costs beyond the bytes counted for it (its objects), about.
+_ENTRY_BYTES = 512
 
 
 class GatewayError(Exception):
-    """The gateway cannot do what was asked: answer ``status`` with ``reason``."""
+    """The gateway cannot do what was asked: answer ``status`` with ``reason`` (and ``headers``)."""
 
-    def __init__(self, status: HTTPStatus, reason: str) -> None:
+    def __init__(
+        self, status: HTTPStatus, reason: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.headers = headers or []
 
 
 class Route(NamedTuple):
@@ -130,6 +143,37 @@ class _Reserved:
         return False
 
 
+class _Finished:
+    """All the store keeps of a finished call: what its status shows, the result as JSON.
+
+    The call's result handle goes, and with it the request it carried (the
+    arguments, the error's request, the traceback's frames).
+    """
+
+    __slots__ = ("exc", "result", "state", "traceback", "unencodable")
+
+    def __init__(
+        self,
+        state: str,
+        result: bytes,
+        exc: str | None = None,
+        traceback: str | None = None,
+        unencodable: str | None = None,
+    ) -> None:
+        self.state = state
+        self.result = result
+        self.exc = exc
+        self.traceback = traceback
+        self.unencodable = unencodable
+
+    @property
+    def size(self) -> int:
+        return len(self.result) + len(self.exc or "") + len(self.traceback or "")
+
+    def ready(self) -> bool:
+        return True
+
+
 class Gateway:
     """The gateway's state: where calls run, where they call back, and their results.
 
@@ -137,8 +181,9 @@ class Gateway:
     Dispatcher with default settings is created on the first apply and closed
     by :meth:`close`. ``callback_url`` is the base URL of the app's own task
     endpoints; without one it is derived from each request's WSGI environ
-    (never from its Host header). ``results_max`` and ``results_max_age``
-    bound the result store.
+    (never from its Host header). ``results_max``, ``results_max_age`` and
+    ``results_max_bytes`` bound the result store; an apply that does not fit
+    in its bytes is refused (503 with ``Retry-After``).
     """
 
     def __init__(
@@ -148,6 +193,7 @@ class Gateway:
         callback_url: str | None,
         results_max: int,
         results_max_age: float,
+        results_max_bytes: int = RESULTS_MAX_BYTES,
     ) -> None:
         if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
             raise TypeError(f"dispatcher must be a Dispatcher, got {type(dispatcher).__name__}")
@@ -160,7 +206,15 @@ class Gateway:
             raise ValueError(
                 f"results_max_age must be a positive number of seconds, got {results_max_age!r}"
             )
-        self.store: ResultStore[Result] = ResultStore(results_max, results_max_age)
+        if (
+            isinstance(results_max_bytes, bool)
+            or not isinstance(results_max_bytes, int)
+            or results_max_bytes < 1
+        ):
+            raise ValueError(f"results_max_bytes must be a positive int, got {results_max_bytes!r}")
+        self.store: ResultStore[Result | _Finished] = ResultStore(
+            results_max, results_max_age, max_bytes=results_max_bytes
+        )
         self._given = dispatcher
         self._own: Dispatcher | None = None
         self._closed = False
@@ -182,11 +236,28 @@ class Gateway:
 
         An id already in the store is answered again without a second call,
         so a client that retries its apply with the same Idempotency-Key does
-        not run the task twice.
+        not run the task twice. Until the call finishes its entry counts the
+        size of its arguments, which the call holds; an apply that does not
+        fit in ``results_max_bytes`` is refused with 503 and ``Retry-After``.
         """
         url = f"{self.callback_base(environ)}/{name}"
         answer = {"ok": "true", "task_id": task_id}
-        if not self.store.add(task_id, _Reserved(task_id)):
+        size = _ENTRY_BYTES + len(task_id) + _arguments_size(kwargs)
+        try:
+            added = self.store.add(task_id, _Reserved(task_id), size)
+        except StoreFull as full:
+            if full.retry_after is None:
+                raise GatewayError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the arguments ({size} bytes as stored) exceed results_max_bytes "
+                    f"({self.store.max_bytes})",
+                ) from None
+            raise GatewayError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the gateway's result store is full (results_max_bytes); try again later",
+                [("Retry-After", str(full.retry_after))],
+            ) from None
+        if not added:
             return answer
         submitted = False
         try:
@@ -204,26 +275,76 @@ class Gateway:
             if not submitted:
                 self.store.discard(task_id)  # nothing runs: a retry may apply it afresh
         self.store.replace(task_id, result)
+        if isinstance(result, AsyncResult):
+            # Settled as soon as it finishes, by a callback that holds the id, not the
+            # result: once settled, nothing keeps the finished call (and its request) alive.
+            result.future.add_done_callback(functools.partial(self._settle_finished, task_id))
         return answer
 
     def status(self, task_id: str) -> dict[str, Any]:
         """The seed's ``task_status``: state and result; an unknown id is ``PENDING``."""
-        result = self.store.get(task_id)
-        state = PENDING if result is None else result.state
-        answer: dict[str, Any] = {"id": task_id, "status": state, "result": None}
-        if result is not None and state == SUCCESS:
-            answer["result"] = _value(result)
-        elif result is not None and state == FAILURE:
-            error = _value(result)
-            answer["result"] = error.reason if isinstance(error, RemoteExecuteError) else str(error)
-            answer["exc"] = _class_name(error)
-            answer["traceback"] = _traceback(result, error)
+        entry = self._lookup(task_id)
+        if not isinstance(entry, _Finished):
+            state = PENDING if entry is None else entry.state
+            return {"task": {"id": task_id, "status": state, "result": None}}
+        if entry.unencodable is not None:
+            raise GatewayError(
+                HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot encode the result: {entry.unencodable}"
+            )
+        answer: dict[str, Any] = {
+            "id": task_id,
+            "status": entry.state,
+            "result": orjson.Fragment(entry.result),
+        }
+        if entry.state == FAILURE:
+            answer["exc"] = entry.exc
+            answer["traceback"] = entry.traceback
         return {"task": answer}
 
     def done(self, task_id: str) -> dict[str, Any]:
         """The seed's ``is_task_done``: whether the call has finished (false when unknown)."""
-        result = self.store.get(task_id)
-        return {"task": {"id": task_id, "executed": result is not None and result.ready()}}
+        entry = self._lookup(task_id)
+        return {"task": {"id": task_id, "executed": entry is not None and entry.ready()}}
+
+    def _lookup(self, task_id: str) -> Result | _Finished | None:
+        entry = self.store.get(task_id)
+        if entry is None or isinstance(entry, _Finished) or not entry.ready():
+            return entry
+        # an executor without done callbacks: settled on the first look after it finished
+        return self._settle(task_id, entry)
+
+    def _settle_finished(self, task_id: str, future: concurrent.futures.Future[Any]) -> None:
+        entry = self.store.get(task_id)
+        if isinstance(entry, AsyncResult) and entry.future is future:
+            try:
+                self._settle(task_id, entry)
+            except Exception:  # the next look at the status settles it
+                logger.exception("gateway: cannot keep the result of task %s", task_id)
+
+    def _settle(self, task_id: str, result: Result) -> Result | _Finished:
+        """Replace a finished call's handle in the store by what its status shows."""
+        state = result.state
+        if state == SUCCESS:
+            value = _value(result)
+            try:
+                finished = _Finished(SUCCESS, _json(value))
+            except TypeError as exc:
+                logger.error("gateway: cannot encode the result of task %s: %s", task_id, exc)
+                finished = _Finished(SUCCESS, b"null", unencodable=str(exc))
+        elif state == FAILURE:
+            error = _value(result)
+            reason = error.reason if isinstance(error, RemoteExecuteError) else str(error)
+            finished = _Finished(
+                FAILURE, _json(reason), _class_name(error), _traceback(result, error)
+            )
+            if isinstance(error, BaseException) and error.__traceback__ is not None:
+                # the frames' locals (the request among them) often refer back to the
+                # error: without them the error goes with its handle, not at the next gc
+                traceback.clear_frames(error.__traceback__)
+        else:
+            return result
+        self.store.settle(task_id, result, finished, _ENTRY_BYTES + len(task_id) + finished.size)
+        return finished
 
     # -- resources ----------------------------------------------------------------------
 
@@ -283,6 +404,19 @@ def _checked_url(url: str) -> str:
             f"callback_url must be an http(s) URL without query or fragment, got {url!r}"
         )
     return url.rstrip("/")
+
+
+def _arguments_size(kwargs: Mapping[str, object]) -> int:
+    """The bytes of the arguments, as the call will send them (about)."""
+    try:
+        return len(orjson.dumps(dict(kwargs)))
+    except TypeError:  # not plain JSON data: an estimate will do
+        return len(repr(kwargs))
+
+
+def _json(value: Any) -> bytes:
+    # orjson's output may sit in a larger allocation (4 kB for a short one): keep a copy
+    return bytes(memoryview(orjson.dumps(value)))
 
 
 def _value(result: Result) -> Any:

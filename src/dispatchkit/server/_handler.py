@@ -2,7 +2,9 @@
 
 It buffers each response whole (task answers are small envelopes), always
 sends Content-Length, and answers protocol errors with a JSON failure
-envelope instead of http.server's HTML page.
+envelope instead of http.server's HTML page. It reads the connection through
+:class:`_SocketInput`, which bounds every wait by the server's ``idle_timeout``
+and each request's head and body together by its ``request_timeout``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from io import BufferedIOBase
-from typing import TYPE_CHECKING, Any
+from io import BufferedIOBase, BufferedReader, RawIOBase
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote
 
 from dispatchkit._version import __version__
@@ -33,6 +35,83 @@ logger = logging.getLogger("dispatchkit.server")
 _DRAIN_LIMIT = 64 * 1024  # unread body a connection may swallow and still be kept alive
 _LINGER_SECONDS = 2.0  # reading what a client still sends after we gave up on its body
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
+_READ_BUFFER = 8192  # what http.server's own rfile uses (io.DEFAULT_BUFFER_SIZE)
+
+
+class RequestTimeout(Exception):
+    """The request did not arrive in time: it is answered 408 and the connection closed.
+
+    Not a :class:`TimeoutError`, which http.server takes for an idle connection
+    and closes without an answer.
+    """
+
+
+class _SocketInput(RawIOBase):
+    """The connection's input, for a :class:`~io.BufferedReader`, with every wait bounded.
+
+    A wait for the first byte of a request is bounded by ``idle_timeout``
+    (:class:`TimeoutError`: an idle keep-alive connection, closed without an
+    answer). From that byte on, or from the start of the request when bytes of
+    it are already buffered, the head and body must arrive within
+    ``request_timeout`` seconds, each wait still within ``idle_timeout``:
+    otherwise :class:`RequestTimeout`, and every later read raises it too.
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float, request_timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
+        self._received = 0
+        self._deadline: float | None = None
+        self.expired: str | None = None  # why the request timed out
+
+    def begin_request(self, buffered: bool) -> None:
+        """A new request: its clock starts now if ``buffered`` bytes of it are here, else
+        with its first byte."""
+        self.expired = None
+        self._deadline = time.monotonic() + self._request_timeout if buffered else None
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        # bytes received so far: a BufferedReader's tell() is this less what it holds
+        return self._received
+
+    def readinto(self, buffer: Any) -> int:
+        if self.expired is not None:
+            raise RequestTimeout(self.expired)
+        timeout = self._idle_timeout
+        if self._deadline is not None:
+            timeout = min(timeout, self._deadline - time.monotonic())
+            if timeout <= 0:
+                self._expire(self._too_long())
+            self._sock.settimeout(timeout)
+        try:
+            received: int | None = self._sock.recv_into(buffer)
+        except TimeoutError:
+            if self._deadline is None:
+                raise  # no byte of a request yet: an idle connection
+            received = None
+        finally:
+            if timeout != self._idle_timeout:
+                self._sock.settimeout(self._idle_timeout)  # for the answer's writes
+        if received is None:
+            if timeout < self._idle_timeout:
+                self._expire(self._too_long())
+            self._expire(f"the request stalled for idle_timeout ({self._idle_timeout:g} s)")
+        if received and self._deadline is None:
+            self._deadline = time.monotonic() + self._request_timeout
+        self._received += received
+        return received
+
+    def _too_long(self) -> str:
+        return f"the request took longer than request_timeout ({self._request_timeout:g} s)"
+
+    def _expire(self, reason: str) -> NoReturn:
+        self.expired = reason
+        raise RequestTimeout(reason)
 
 
 class _BodyInput:
@@ -93,7 +172,9 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
 
     A chunked request body is refused with 411 (task arguments are small, and
     every HTTP client sends Content-Length for a bytes body); a body the app
-    leaves unread is drained when small, else the connection is closed.
+    leaves unread is drained when small, else the connection is closed. A
+    request that does not arrive in time (see :class:`_SocketInput`) is answered
+    408 and the connection closed.
     """
 
     protocol_version = "HTTP/1.1"
@@ -105,13 +186,34 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
     # and delayed ACKs add tens of milliseconds to every keep-alive request
     disable_nagle_algorithm = True
     server: _HTTPServer
+    socket_input: _SocketInput
     _linger = False
 
     def setup(self) -> None:
         super().setup()
-        # bounds every wait on the socket: an idle keep-alive connection ends
-        # here, and so does a client that stalls mid-request
+        # bounds every wait on the socket, the answer's writes included
         self.connection.settimeout(self.server.idle_timeout)
+        self.rfile.close()
+        self.socket_input = _SocketInput(
+            self.connection, self.server.idle_timeout, self.server.request_timeout
+        )
+        self.rfile = BufferedReader(self.socket_input, _READ_BUFFER)
+
+    def handle_one_request(self) -> None:
+        # bytes received but not read yet are the start of this request (pipelined)
+        self.socket_input.begin_request(buffered=self.socket_input.tell() > self.rfile.tell())
+        # what send_error needs if the request line never arrives whole
+        self.command = self.requestline = self.request_version = ""
+        try:
+            super().handle_one_request()
+        except RequestTimeout as exc:
+            self._timed_out(str(exc))
+
+    def _timed_out(self, reason: str) -> None:
+        # nothing of an answer was sent (an interim 100 Continue at most); the
+        # client may still be sending, so read on a little for it to see the 408
+        self._linger = True
+        self.send_error(HTTPStatus.REQUEST_TIMEOUT, reason)
 
     def _run_wsgi(self) -> None:
         self.server.stats._count_request()
@@ -129,15 +231,24 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
         body_input = _BodyInput(self.rfile, int(length_text or 0))
         try:
             code, phrase, headers, body = self._call_app(self._environ(body_input, length_text))
+        except RequestTimeout as exc:
+            self._timed_out(str(exc))
+            return
         except Exception:
+            if self.socket_input.expired is not None:  # the app failed on the request timeout
+                self._timed_out(self.socket_input.expired)
+                return
             logger.exception("the WSGI application failed on %s %s", self.command, self.path)
             self._linger = not body_input.drain(_DRAIN_LIMIT)
             self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error")
             return
-        if not body_input.drain(_DRAIN_LIMIT):
+        if not body_input.drain(_DRAIN_LIMIT):  # a RequestTimeout here: handle_one_request
             # the rest of the body would be read as the next request
             self.close_connection = True
             self._linger = True
+        if self.socket_input.expired is not None:  # the app answered a request it did not get whole
+            self._timed_out(self.socket_input.expired)
+            return
         self._send(code, phrase, headers, body)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _run_wsgi

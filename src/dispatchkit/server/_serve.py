@@ -22,11 +22,14 @@ from dispatchkit.server._handler import WSGIRequestHandler
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
-__all__ = ["ServerStats", "TaskServer"]
+__all__ = ["BACKLOG", "ServerStats", "TaskServer"]
 
 logger = logging.getLogger("dispatchkit.server")
 
 _POLL_INTERVAL = 0.1  # how quickly stop() is noticed by the accept loop
+#: Connections the kernel may queue for the accept loop (``listen()``'s backlog);
+#: the kernel caps it (``net.core.somaxconn`` on Linux: 4096 by default since 5.4).
+BACKLOG = 1024
 
 
 class ServerStats:
@@ -81,10 +84,16 @@ class _HTTPServer(ThreadingHTTPServer):
         address: tuple[str, int],
         app: WSGIApplication,
         idle_timeout: float,
+        request_timeout: float,
+        backlog: int,
         stats: ServerStats,
     ) -> None:
         self.app = app
         self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        # socketserver listens with request_queue_size (5 by default): a burst of
+        # clients beyond it sits in SYN retries, a second or more each
+        self.request_queue_size = backlog
         self.stats = stats
         self._connections: set[socket.socket] = set()
         self._changed = threading.Condition()
@@ -129,9 +138,14 @@ class _HTTPServer(ThreadingHTTPServer):
 class TaskServer:
     """Serves a WSGI app (usually a :class:`TaskApp`) over HTTP/1.1 with keep-alive.
 
-    One daemon thread per connection; a connection idle for ``idle_timeout``
-    seconds is closed. Nothing listens until :meth:`listen`, :meth:`start` or
-    :meth:`serve_forever`; as a context manager it starts and stops.
+    One daemon thread per connection. Every wait for the client is bounded by
+    ``idle_timeout`` seconds (an idle connection is closed after it), and a
+    request's head and body must arrive within ``request_timeout`` seconds of
+    its first byte, however steadily they trickle in: past it the request is
+    answered 408 and the connection closed. The socket listens with a queue of
+    ``backlog`` connections. Nothing listens until :meth:`listen`,
+    :meth:`start` or :meth:`serve_forever`; as a context manager it starts and
+    stops.
     """
 
     def __init__(
@@ -140,12 +154,21 @@ class TaskServer:
         host: str = "127.0.0.1",
         port: int = 0,
         idle_timeout: float = 30.0,
+        *,
+        request_timeout: float = 30.0,
+        backlog: int = BACKLOG,
     ) -> None:
-        if idle_timeout <= 0:
+        if not idle_timeout > 0:
             raise ValueError("idle_timeout must be positive")
+        if not request_timeout > 0:
+            raise ValueError("request_timeout must be positive")
+        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
+            raise ValueError(f"backlog must be a positive int, got {backlog!r}")
         self.app = app
         self.host = host
         self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.backlog = backlog
         self.stats = ServerStats()
         self._port = port
         self._httpd: _HTTPServer | None = None
@@ -173,7 +196,12 @@ class TaskServer:
     def _listen(self) -> _HTTPServer:
         if self._httpd is None:
             self._httpd = _HTTPServer(
-                (self.host, self._port), self.app, self.idle_timeout, self.stats
+                (self.host, self._port),
+                self.app,
+                self.idle_timeout,
+                self.request_timeout,
+                self.backlog,
+                self.stats,
             )
             # port 0 picked a free port; a restart reuses it, so the URL stays valid
             self._port = self._httpd.server_port
