@@ -1,4 +1,4 @@
-"""Reading an answer: the codec for its content type, its envelope, the error it means."""
+"""Reading a response: the codec for its content type, its envelope, the error it means."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from dispatchkit.exceptions import (
 CODEC_CACHE_MAX = 64
 
 
-class Answers:
-    """Turns responses into retvals or errors (DESIGN §1), with codecs resolved once each.
+class ResponseReader:
+    """Turns responses into retvals or errors (docs/protocol.md), with codecs resolved once each.
 
     ``resolve(media_type)`` asks the plugins for a codec (the
     ``dispatchkit_codec`` hook); its answer, ``None`` included, is cached per

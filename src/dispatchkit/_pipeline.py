@@ -1,0 +1,192 @@
+"""One call's pipeline, without I/O: what both dispatchers share.
+
+Building the request, the ``prepare_request`` and ``call_done`` hooks, turning
+an answer into a retval or an error, the retry policy, logging: all of it is
+here, once. :class:`~dispatchkit.Dispatcher` (threads) and
+:class:`~dispatchkit.AsyncDispatcher` (asyncio) drive a :class:`Pipeline`;
+only sending a request and sleeping between attempts differ between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import reprlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+import tenacity
+
+from dispatchkit._encoding import build_request, new_task_id
+from dispatchkit._models import Call, Codec, Outcome, PluginInfo, Request, Response
+from dispatchkit._plugins import build_manager
+from dispatchkit._responses import ResponseReader
+from dispatchkit._settings import Settings
+from dispatchkit.exceptions import DispatchError, UsageError
+
+log = logging.getLogger("dispatchkit")
+
+#: The name in the log lines, after Celery's ``Task ...HttpDispatchTask[<id>] processed: 100``.
+TASK_NAME = "dispatchkit.HttpDispatchTask"
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 200
+_short = _repr.repr
+
+T = TypeVar("T")
+
+
+class Pipeline:
+    """Settings, plugins and every decision of a call; the dispatcher that owns it sends.
+
+    ``owner`` is the Dispatcher or AsyncDispatcher passed to the hooks that
+    take one. Building it runs ``dispatchkit_configure`` and asks for the
+    retry policy; an unknown setting or a bad policy is a :class:`UsageError`.
+    """
+
+    def __init__(
+        self,
+        owner: object,
+        settings: dict[str, Any],
+        plugins: Iterable[object],
+        disable: Iterable[str],
+    ) -> None:
+        self.settings = Settings.from_kwargs(settings)
+        self.pm, self.infos = build_manager(plugins, disable)
+        self._owner = owner
+        hook = self.pm.hook
+        self.headers = {"User-Agent": self.settings.user_agent}
+        if not self.settings.keep_alive:
+            self.headers["Connection"] = "close"
+        self.reader = ResponseReader(self._resolve_codec, self.settings.follow_redirects)
+        hook.dispatchkit_configure(settings=self.settings)
+        unknown = self.settings.unread_extras()
+        if unknown:
+            self.close_plugins()
+            raise UsageError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}: no plugin reads them"
+            )
+        retrying = hook.dispatchkit_retry_policy(settings=self.settings)
+        if retrying is not None and not isinstance(retrying, tenacity.Retrying):
+            self.close_plugins()
+            raise UsageError(
+                f"dispatchkit_retry_policy returned {retrying!r}, not a tenacity.Retrying"
+            )
+        self.retrying: tenacity.Retrying | None = retrying
+        # Only the per-call hooks someone implements are called: pluggy stays off the hot path.
+        self._prepare = (
+            hook.dispatchkit_prepare_request
+            if self.implemented("dispatchkit_prepare_request")
+            else None
+        )
+        self._done = (
+            hook.dispatchkit_call_done if self.implemented("dispatchkit_call_done") else None
+        )
+
+    def implemented(self, name: str) -> bool:
+        return bool(getattr(self.pm.hook, name).get_hookimpls())
+
+    def close_plugins(self) -> None:
+        self.pm.hook.dispatchkit_close(dispatcher=self._owner)
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        return list(self.infos)
+
+    # -- one call ---------------------------------------------------------------------
+
+    def build(self, call: Call) -> Request:
+        """The request for ``call``; a refusal names the call (nothing was sent)."""
+        try:
+            return build_request(call, self.headers, self.settings.timeout)
+        except DispatchError as exc:
+            url, task_id = call.url, call.task_id or new_task_id()
+            shown = url if isinstance(url, str) else repr(url)
+            if not (isinstance(task_id, str) and task_id.isprintable()):
+                task_id = repr(task_id)  # a refused one: never a line break into a log
+            raise exc.with_context(task_id, str(call.method).upper(), shown) from exc.__cause__
+
+    def begin_attempt(self, request: Request) -> None:
+        """Count the attempt and let ``prepare_request`` hooks edit its headers."""
+        request.attempt += 1
+        if self._prepare is not None:
+            try:
+                self._prepare(request=request)
+            except DispatchError as exc:
+                exc.bind(request)
+                raise
+            except Exception as exc:
+                raise plugin_failure(exc, request) from exc
+
+    def checked(self, request: Request, response: Response) -> Response:
+        """``response`` if it is a 2xx; else the error its status (or envelope) means."""
+        if 200 <= response.status < 300:
+            return response
+        raise self.reader.status_error(request, response)
+
+    def retval(self, request: Request, response: Response) -> Any:
+        return self.reader.retval(request, response)
+
+    def succeeded(self, request: Request, retval: Any, started: float) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("Task %s[%s] processed: %s", TASK_NAME, request.task_id, _short(retval))
+        if self._done is not None:
+            self._report(
+                request, Outcome(retval, None, time.perf_counter() - started, request.attempt)
+            )
+
+    def failed(self, request: Request, error: DispatchError, started: float) -> None:
+        error.bind(request)
+        if log.isEnabledFor(logging.INFO):
+            log.info("Task %s[%s] raised %s: %s", TASK_NAME, request.task_id,
+                     type(error).__name__, error.message)  # fmt: skip
+        if self._done is not None:
+            self._report(
+                request, Outcome(None, error, time.perf_counter() - started, request.attempt)
+            )
+
+    def _report(self, request: Request, outcome: Outcome) -> None:
+        assert self._done is not None
+        try:
+            self._done(request=request, outcome=outcome)
+        except Exception:
+            log.exception("a dispatchkit_call_done hook failed for task %s", request.task_id)
+
+    def _resolve_codec(self, media_type: str) -> Codec | None:
+        codec: Codec | None = self.pm.hook.dispatchkit_codec(
+            media_type=media_type, dispatcher=self._owner
+        )
+        return codec
+
+
+def plugin_failure(exc: Exception, request: Request) -> DispatchError:
+    """A plugin broke its contract: the caller still gets one error type, with context."""
+    return DispatchError(f"plugin failure: {type(exc).__name__}: {exc}", request=request)
+
+
+def scheme_of(request: Request) -> str:
+    """The URL's scheme, lower-case; a :class:`UsageError` when it has none."""
+    url = request.url
+    if "://" not in url:
+        raise UsageError(f"URL has no scheme: {url!r}", request=request)
+    return url.partition(":")[0].lower()
+
+
+class AfterFailure(Generic[T]):
+    """The attempts of one call, for tenacity to drive after the first one failed.
+
+    The first attempt runs outside tenacity, which costs more than the rest of
+    the pipeline. From its failure on the policy decides: tenacity's first
+    "attempt" re-raises that failure, so the policy judges it as if it had run
+    it; every later one is real. ``attempt()`` returns a Response, or for the
+    asyncio driver a coroutine of one (``AsyncRetrying`` awaits it).
+    """
+
+    def __init__(self, failure: DispatchError, attempt: Callable[[], T]) -> None:
+        self._failure: DispatchError | None = failure
+        self._attempt = attempt
+
+    def __call__(self) -> T:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        return self._attempt()
