@@ -27,7 +27,10 @@ checks every other answer against http.client byte for byte):
   ``str.splitlines`` breaks); here only LF ends a line.
 * **Values (RFC 9110 §5.5, RFC 9112 §5.2).** Leading and trailing whitespace
   is not part of a value, and an obsolete line fold becomes one space;
-  http.client keeps trailing whitespace and the CRLF of a fold.
+  http.client keeps trailing whitespace and the CRLF of a fold. Framing
+  follows: ``Transfer-Encoding: chunked `` (a trailing space) is chunked here,
+  while http.client takes it for another coding and frames by
+  ``Content-Length`` instead.
 * **Speed.** The ``email`` parser costs about ten microseconds per answer, more
   than the rest of dispatchkit's pipeline.
 """
