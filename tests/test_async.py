@@ -1,11 +1,12 @@
-"""Asynchronous dispatch: submit, map, AsyncResult, the executor hook, the seed's API."""
+"""Asynchronous dispatch: submit, map, AsyncResult, the executor hook, the Celery-compatible API."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 import threading
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_result_id_is_the_idempotency_key(dispatcher: Dispatcher, peer: str) -> 
 
 
 def test_get_with_a_timeout_leaves_the_task_running(dispatcher: Dispatcher, peer: str) -> None:
-    result = dispatcher.submit(f"{peer}/slow", delay=600)
+    result = cast(AsyncResult, dispatcher.submit(f"{peer}/slow", delay=600))
     with pytest.raises(ResultTimeout, match=r"did not finish within 0\.05s") as info:
         result.get(timeout=0.05)
     assert isinstance(info.value, TimeoutError)
@@ -60,7 +61,7 @@ def test_get_with_a_timeout_leaves_the_task_running(dispatcher: Dispatcher, peer
 
 
 def test_failure_propagates_with_its_reason(dispatcher: Dispatcher, peer: str) -> None:
-    result = dispatcher.submit(f"{peer}/fail", reason="disk full")
+    result = cast(AsyncResult, dispatcher.submit(f"{peer}/fail", reason="disk full"))
     with pytest.raises(RemoteExecuteError) as info:
         result.get(timeout=10)
     assert info.value.reason == "disk full"
@@ -75,7 +76,7 @@ def test_failure_propagates_with_its_reason(dispatcher: Dispatcher, peer: str) -
 
 
 def test_success_state(dispatcher: Dispatcher, peer: str) -> None:
-    result = dispatcher.submit(f"{peer}/multiply", x=3, y=4)
+    result = cast(AsyncResult, dispatcher.submit(f"{peer}/multiply", x=3, y=4))
     assert result.get(timeout=10) == 12
     assert (result.ready(), result.successful(), result.failed()) == (True, True, False)
     assert result.result == 12
@@ -92,8 +93,10 @@ def test_bad_arguments_raise_at_submit(dispatcher: Dispatcher, peer: str) -> Non
 def test_done_callbacks_and_futures_compose(dispatcher: Dispatcher, peer: str) -> None:
     seen: list[tuple[str, str]] = []
     finished = threading.Event()
-    results = [dispatcher.submit(f"{peer}/multiply", x=i, y=i) for i in range(5)]
-    results[0].add_done_callback(lambda r: (seen.append((r.id, r.state)), finished.set()))
+    results = [cast(AsyncResult, dispatcher.submit(f"{peer}/multiply", x=i, y=i)) for i in range(5)]
+    results[0].add_done_callback(
+        lambda r: (seen.append((r.id, r.state)), finished.set())  # type: ignore[func-returns-value]
+    )
     assert finished.wait(10)
     assert seen == [(results[0].id, states.SUCCESS)]
     assert isinstance(results[0], AsyncResult)
@@ -151,7 +154,11 @@ def test_map_concurrency_is_bounded(make_dispatcher: Any, peer: str) -> None:
 
 
 def test_map_raises_the_first_error_and_stops(dispatcher: Dispatcher, peer: str) -> None:
-    calls = [{"x": 1, "y": 1}, {"x": "one", "y": 1}, *({"x": i, "y": 1} for i in range(500))]
+    calls: list[Mapping[str, object]] = [
+        {"x": 1, "y": 1},
+        {"x": "one", "y": 1},
+        *({"x": i, "y": 1} for i in range(500)),
+    ]
     dispatcher.call(f"{peer}/stats/reset")
     with pytest.raises(RemoteExecuteError, match="one"):
         dispatcher.map(f"{peer}/multiply", calls, concurrency=2)
@@ -237,7 +244,7 @@ def test_an_unknown_executor_is_a_usage_error(make_dispatcher: Any, peer: str) -
 
 def test_executor_threads_setting(make_dispatcher: Any) -> None:
     d = make_dispatcher(executor_threads=3)
-    assert d._get_executor().threads == 3  # type: ignore[attr-defined]
+    assert d._get_executor().threads == 3
     with pytest.raises(UsageError, match="executor_threads"):
         Dispatcher(executor_threads=0)
 
@@ -257,7 +264,7 @@ def test_close_finishes_submitted_work(peer: str) -> None:
         d.submit(f"{peer}/multiply", x=1, y=1)
 
 
-# -- the seed's API ---------------------------------------------------------------
+# -- the Celery-compatible API ---------------------------------------------------------------
 
 
 def test_url_query_is_editable(dispatcher: Dispatcher, peer: str) -> None:
@@ -283,9 +290,9 @@ def test_http_dispatch_task(peer: str) -> None:
     res = HttpDispatchTask.delay(url=f"{peer}/multiply", method="GET", x=10, y=10)
     assert res.get(timeout=10) == 100
     res = HttpDispatchTask.apply_async(
-        kwargs={"url": f"{peer}/multiply", "method": "POST", "x": 3, "y": 3}, task_id="seed-1"
+        kwargs={"url": f"{peer}/multiply", "method": "POST", "x": 3, "y": 3}, task_id="compat-1"
     )
-    assert res.id == "seed-1"
+    assert res.id == "compat-1"
     assert res.get(timeout=10) == 9
     with pytest.raises(UsageError, match="url"):
         HttpDispatchTask.apply_async(kwargs={"x": 1})
@@ -297,7 +304,7 @@ def test_default_dispatcher_is_shared_and_lazy() -> None:
     assert dispatchkit.default_dispatcher() is dispatchkit.default_dispatcher()
 
 
-def test_log_lines_in_the_seeds_shape(
+def test_log_lines_in_celerys_shape(
     dispatcher: Dispatcher, peer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="dispatchkit"):

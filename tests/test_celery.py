@@ -57,7 +57,7 @@ def test_500_calls_come_back_right(celery_dispatcher: Dispatcher, peer: str) -> 
     assert all(r.state == states.SUCCESS for r in results)
 
 
-def test_post_and_the_seed_url(celery_dispatcher: Dispatcher, peer: str) -> None:
+def test_post_and_the_compat_url(celery_dispatcher: Dispatcher, peer: str) -> None:
     res = URL(f"{peer}/multiply", dispatcher=celery_dispatcher).post_async(x=1, y=2)
     assert res.get(timeout=60) == 2
     echo = celery_dispatcher.apply_async(
@@ -68,7 +68,7 @@ def test_post_and_the_seed_url(celery_dispatcher: Dispatcher, peer: str) -> None
 
 
 def test_errors_arrive_with_type_and_reason(celery_dispatcher: Dispatcher, peer: str) -> None:
-    failing = celery_dispatcher.apply_async(
+    failing: Any = celery_dispatcher.apply_async(
         f"{peer}/fail500", "POST", {"reason": "disk full"}, task_id="celery-fail-1"
     )
     with pytest.raises(RemoteExecuteError) as info:

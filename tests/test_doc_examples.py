@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatchkit import _seed
+from dispatchkit import _compat
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RUN = "# not run"
@@ -104,13 +104,13 @@ def test_example_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, name, module)  # so that pickle and dataclasses find it
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     # A block that uses the process's default Dispatcher gets its own, closed after it.
-    monkeypatch.setattr(_seed, "_default", None)
+    monkeypatch.setattr(_compat, "_default", None)
     before = set(threading.enumerate())
     try:
         exec(code, module.__dict__)
     finally:
-        if _seed._default is not None:
-            _seed._default.close()
+        if _compat._default is not None:
+            _compat._default.close()
         leftovers = _threads_left(before)
         leaks = _collect_garbage(module.__dict__)
     assert not leftovers, f"{block.id} left threads running: {leftovers} (use `with`)"

@@ -1,6 +1,6 @@
 """The transport's own head reader against http.client, on the same bytes (hypothesis).
 
-``dispatchkit.builtin._head.StrictHeadResponse`` replaces http.client's head
+``dispatchkit.builtin._response_head.StrictHeadResponse`` replaces http.client's head
 parsing on the hot path. It may only differ where its module docstring says
 so: it skips every interim (1xx) answer, and it refuses a head cut off by EOF,
 a malformed header line, or a control character in one. Everywhere else it
@@ -25,7 +25,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatchkit.builtin._head import MAX_INTERIM, StrictHeadResponse
+from dispatchkit.builtin._response_head import MAX_INTERIM, StrictHeadResponse
 
 PROPERTY = settings(
     max_examples=400,
@@ -47,7 +47,7 @@ class _Socket:
         self.data = data
 
     def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BufferedReader:
-        return io.BufferedReader(io.BytesIO(self.data))  # type: ignore[arg-type]
+        return io.BufferedReader(io.BytesIO(self.data))
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,8 @@ def header_lines(draw: st.DrawFn) -> tuple[bytes, bytes, bool]:
             )  # fmt: skip
         lines += added
         trimmed += added
-    if lines and draw(st.booleans()) and draw(st.booleans()):
+    # mypy infers draw's type from `lines` in this `and`: list[str], not bool.
+    if lines and draw(st.booleans()) and draw(st.booleans()):  # type: ignore[arg-type]
         for some in (lines, trimmed):
             some.insert(0, " folded first line\r\n")  # a fold with nothing to continue
         malformed = True

@@ -1,4 +1,4 @@
-"""The wire protocol of DESIGN §1 and the errors of §2, against the Node.js peer."""
+"""The wire protocol and its errors (docs/protocol.md), against the Node.js peer."""
 
 from __future__ import annotations
 
@@ -365,6 +365,21 @@ def test_errors_pickle_with_their_context(dispatcher: Dispatcher, peer: str) -> 
     assert (copy.reason, copy.status, copy.task_id, copy.method) == ("nope", 500, "t-2", "POST")
     assert str(copy) == str(info.value)
     assert copy.request is None  # headers may hold credentials; they stay behind
+
+
+def test_every_error_type_crosses_process_boundaries_as_itself() -> None:
+    """to_dict / error_from_dict (what the Celery executor ships) know every public error."""
+    import dispatchkit.exceptions as errors
+
+    public = [getattr(errors, name) for name in errors.__all__]
+    types = [t for t in public if isinstance(t, type) and issubclass(t, errors.DispatchError)]
+    assert errors.SignatureError in types
+    for error_type in types:
+        original = error_type.__new__(error_type)
+        errors.DispatchError.__init__(original, f"a {error_type.__name__}")
+        copy = errors.error_from_dict(original.to_dict())
+        assert type(copy) is error_type
+        assert copy.message == original.message
 
 
 def test_every_error_is_a_dispatch_error(dispatcher: Dispatcher, peer: str) -> None:

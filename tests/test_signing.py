@@ -21,7 +21,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from dispatchkit_signing import SigningPlugin, verify
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from dispatchkit import (
@@ -32,8 +31,10 @@ from dispatchkit import (
     UsageError,
     hookimpl,
 )
+from dispatchkit.builtin import signing as signing_plugin
 from dispatchkit.server import TaskApp, TaskServer
-from dispatchkit.server._signing import Refused, ReplayCache
+from dispatchkit.server._refused import Refused
+from dispatchkit.server._signing import ReplayCache
 from dispatchkit.signing import (
     SignatureError,
     SigningKeys,
@@ -41,6 +42,7 @@ from dispatchkit.signing import (
     generate_secret,
     query_payload,
     request_payload,
+    verify,
 )
 
 SECRET = generate_secret()
@@ -193,22 +195,38 @@ def new_id() -> str:
 # -- the plugin -----------------------------------------------------------------------
 
 
-def test_unconfigured_plugin_is_a_noop(
+def test_without_a_secret_the_plugin_is_not_even_loaded(
     dispatcher: Dispatcher, recorder: tuple[Recorder, str]
 ) -> None:
+    """Off until signing_secret is given: an unsigned Dispatcher pays for no hook."""
     app, url = recorder
-    (info,) = [p for p in dispatcher.plugins if p.name == "signing"]
-    assert info.distribution == "dispatchkit-signing"
-    assert info.hooks == ("dispatchkit_configure", "dispatchkit_prepare_request")
-    assert isinstance(info.plugin, SigningPlugin)
-    assert info.plugin.keys is None
-    assert repr(info.plugin) == "<SigningPlugin off>"
+    assert "signing" not in [p.name for p in dispatcher.plugins]
+    per_attempt = dispatcher._pipeline.pm.hook.dispatchkit_prepare_request.get_hookimpls()
+    assert "signing" not in [impl.plugin_name for impl in per_attempt]
     dispatcher.call(f"{url}/task", x=1)
     dispatcher.call(f"{url}/task", "POST", x=1)
     assert [s.headers.keys() & {"webhook-id", "webhook-signature"} for s in app.seen] == [
         set(),
         set(),
     ]
+
+
+def test_with_a_secret_the_builtin_plugin_signs(recorder: tuple[Recorder, str]) -> None:
+    app, url = recorder
+    with Dispatcher(signing_secret=SECRET) as d:
+        (info,) = [p for p in d.plugins if p.name == "signing"]
+        assert (info.builtin, info.distribution) == (True, "dispatchkit")
+        assert info.hooks == ("dispatchkit_configure", "dispatchkit_prepare_request")
+        assert isinstance(info.plugin, signing_plugin.Plugin)
+        assert "whsec_***" in repr(info.plugin)
+        d.call(f"{url}/task", x=1)
+    (seen,) = app.seen
+    assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= seen.headers.keys()
+
+
+def test_the_builtin_signing_plugin_can_be_disabled() -> None:
+    with pytest.raises(UsageError, match="signing_secret"):  # then nothing reads the setting
+        Dispatcher(signing_secret=SECRET, disable=["signing"])
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dispatchkit import states
+from dispatchkit._compat import URL, HttpDispatchTask, default_dispatcher
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import (
     Call,
@@ -17,7 +18,6 @@ from dispatchkit._models import (
     Transport,
 )
 from dispatchkit._results import AsyncResult
-from dispatchkit._seed import URL, HttpDispatchTask, default_dispatcher
 from dispatchkit._settings import Settings
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import (
@@ -32,6 +32,7 @@ from dispatchkit.exceptions import (
     RemoteExecuteError,
     ResponseTooLargeError,
     ResultTimeout,
+    SignatureError,
     TransportError,
     UnknownStatusError,
     UsageError,
@@ -63,6 +64,7 @@ __all__ = [
     "Result",
     "ResultTimeout",
     "Settings",
+    "SignatureError",
     "Transport",
     "TransportError",
     "URL",

@@ -1,7 +1,7 @@
 """``dispatchkit demo``: a TaskApp on loopback, called every way dispatchkit can, narrated.
 
 Synchronous calls that succeed and fail, asynchronous calls through the
-seed's API and the Dispatcher's, a fan-out of a few hundred calls, and what
+Celery-compatible API and the Dispatcher's, a fan-out of a few hundred calls, and what
 keep-alive pooling made of them, from the server's own counters.
 """
 
@@ -13,9 +13,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from dispatchkit._compat import URL, HttpDispatchTask
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Result
-from dispatchkit._seed import URL, HttpDispatchTask
 from dispatchkit.exceptions import DispatchError, RemoteExecuteError
 from dispatchkit.server import TaskApp, TaskServer
 
@@ -31,7 +31,7 @@ app = TaskApp()
 
 @app.task
 def multiply(x: int, y: int) -> int:
-    """The seed's example task."""
+    """Celery 1.0's example task."""
     return x * y
 
 

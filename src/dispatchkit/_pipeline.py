@@ -51,7 +51,7 @@ class Pipeline:
         disable: Iterable[str],
     ) -> None:
         self.settings = Settings.from_kwargs(settings)
-        self.pm, self.infos = build_manager(plugins, disable)
+        self.pm, self.infos = build_manager(plugins, disable, settings)
         self._owner = owner
         hook = self.pm.hook
         self.headers = {"User-Agent": self.settings.user_agent}

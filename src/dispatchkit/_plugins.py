@@ -15,7 +15,7 @@ import pluggy
 from dispatchkit import hookspecs
 from dispatchkit._models import PluginInfo
 from dispatchkit._version import __version__
-from dispatchkit.builtin import DEFAULT_PLUGINS
+from dispatchkit.builtin import DEFAULT_PLUGINS, PLUGINS_WHEN_SET
 from dispatchkit.exceptions import PluginLoadError, UsageError
 
 ENTRY_POINT_GROUP = "dispatchkit"
@@ -92,9 +92,12 @@ def plugin_name(plugin: object) -> str:
 
 
 def build_manager(
-    plugins: Iterable[object], disable: Iterable[str]
+    plugins: Iterable[object], disable: Iterable[str], settings: Iterable[str] = ()
 ) -> tuple[pluggy.PluginManager, list[PluginInfo]]:
     """Register the built-ins, the entry-point plugins, then ``plugins``; skip ``disable``.
+
+    ``settings`` are the names of the settings given: a built-in of
+    ``PLUGINS_WHEN_SET`` is loaded only when its setting is among them.
 
     Raises :class:`PluginLoadError` for a plugin that cannot be loaded or that
     implements a hook that does not exist (a misspelt or unprefixed name).
@@ -125,7 +128,9 @@ def build_manager(
         hooks = tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
         infos.append(PluginInfo(name=name, hooks=hooks, plugin=plugin, **meta))
 
-    for module_name in DEFAULT_PLUGINS:
+    given_settings = set(settings)
+    wanted = [name for name, setting in PLUGINS_WHEN_SET.items() if setting in given_settings]
+    for module_name in (*DEFAULT_PLUGINS, *wanted):
         if module_name in given:
             continue
         module = importlib.import_module(f"dispatchkit.builtin.{module_name}")

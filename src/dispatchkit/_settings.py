@@ -33,7 +33,7 @@ class Settings:
     #: Keep-alive connections kept per host; also the most opened at once per host.
     pool_maxsize: int = 10
     #: Keep connections open between calls; ``False`` sends ``Connection: close`` and opens
-    #: a new connection (and TLS handshake) for every call, as the seed's ``urlopen`` did.
+    #: a new connection (and TLS handshake) for every call, as Celery 1.0's ``urlopen`` did.
     keep_alive: bool = True
     #: Hosts whose pools are kept; the least recently used pool beyond that is closed.
     max_pools: int = 64

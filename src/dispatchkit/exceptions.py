@@ -15,6 +15,7 @@
     │   └── ResponseTooLargeError
     ├── RemoteExecuteError        (the task itself said "failure"; .reason)
     ├── ResultTimeout             (AsyncResult.get timed out; the call goes on)
+    ├── SignatureError            (a Standard Webhooks signature is missing or wrong)
     └── PluginLoadError           (a plugin could not be loaded or is malformed)
 
 Every error raised for a call carries the call's ``task_id``, ``method`` and
@@ -45,6 +46,7 @@ __all__ = [
     "RemoteExecuteError",
     "ResponseTooLargeError",
     "ResultTimeout",
+    "SignatureError",
     "TransportError",
     "UnknownStatusError",
     "UsageError",
@@ -256,6 +258,13 @@ class PluginLoadError(DispatchError):
         self.plugin = plugin
 
 
+class SignatureError(DispatchError):
+    """A request's Standard Webhooks signature is missing, malformed, stale or wrong.
+
+    The message says which, for a 401 answer; it never holds a key or a signature.
+    """
+
+
 _BY_NAME: dict[str, type[DispatchError]] = {
     cls.__name__: cls
     for cls in (
@@ -272,6 +281,7 @@ _BY_NAME: dict[str, type[DispatchError]] = {
         ResponseTooLargeError,
         RemoteExecuteError,
         ResultTimeout,
+        SignatureError,
         PluginLoadError,
     )
 }

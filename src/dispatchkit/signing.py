@@ -1,9 +1,10 @@
 """Standard Webhooks signatures (https://www.standardwebhooks.com), both halves.
 
-The one implementation of the scheme in dispatchkit: the ``dispatchkit-signing``
-plugin signs outgoing calls with it, :class:`~dispatchkit.server.TaskApp`
-verifies incoming ones with it, and any Python server can call :func:`verify`.
-It needs nothing but the standard library.
+The one implementation of the scheme in dispatchkit: the built-in ``signing``
+plugin signs outgoing calls with it once ``Dispatcher(signing_secret=...)`` is
+set, :class:`~dispatchkit.server.TaskApp` verifies incoming ones with it, and
+any Python server can call :func:`verify`. It needs nothing but the standard
+library.
 
 Every request carries three headers::
 
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 from urllib3.util import parse_url
 
 from dispatchkit._encoding import QUERY_METHODS, SENT_AS_IS
-from dispatchkit.exceptions import DispatchError, UsageError
+from dispatchkit.exceptions import SignatureError, UsageError
 
 if TYPE_CHECKING:
     from dispatchkit._models import Request
@@ -76,13 +77,6 @@ _ID = re.compile(r"[!-\-/-~]{1,256}")
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")
 # A bound on the signatures one header may make the verifier look at.
 _MAX_SIGNATURES = 32
-
-
-class SignatureError(DispatchError):
-    """A request's Standard Webhooks signature is missing, malformed, stale or wrong.
-
-    The message says which, for a 401 answer; it never holds a key or a signature.
-    """
 
 
 @dataclass(frozen=True, slots=True, repr=False)

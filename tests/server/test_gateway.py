@@ -717,10 +717,10 @@ def test_callback_base_comes_from_the_server_not_the_host_header(
 
 @pytest.mark.parametrize("name", ["", "evil.invalid/x?", "a b"])
 def test_callback_base_refuses_a_bad_server_name(name: str) -> None:
-    from dispatchkit.server._gateway import GatewayError
+    from dispatchkit.server._refused import Refused
 
     gateway = Gateway(dispatcher=None, callback_url=None, results_max=1, results_max_age=1.0)
-    with pytest.raises(GatewayError, match="pass callback_url="):
+    with pytest.raises(Refused, match="pass callback_url="):
         gateway.callback_base(environ(SERVER_NAME=name))
 
 
@@ -914,7 +914,7 @@ def test_node_client_reports_an_unknown_task(client: Client) -> None:
 
 
 def test_forwarded_form_values_are_plain_strings_and_lists() -> None:
-    from dispatchkit.server._convert import FormValues
+    from dispatchkit.server._arguments import FormValues
     from dispatchkit.server._gateway import forwarded
 
     received: dict[str, object] = {"a": FormValues(["1"]), "b": FormValues(["1", "2"]), "c": 3}

@@ -8,3 +8,6 @@ from __future__ import annotations
 
 #: Names of the built-in plugin modules, in registration order.
 DEFAULT_PLUGINS: tuple[str, ...] = ("transport", "codec", "retry", "executor")
+#: Built-in plugins loaded only when their setting is given (module name: setting), so
+#: that a Dispatcher without it pays for none of their hooks.
+PLUGINS_WHEN_SET: dict[str, str] = {"signing": "signing_secret"}

@@ -46,7 +46,7 @@ from dispatchkit._encoding import SENT_AS_IS, check_headers
 from dispatchkit._models import Request, Response
 from dispatchkit._redact import mask_url
 from dispatchkit._watchdog import Watchdog
-from dispatchkit.builtin._head import StrictHeadResponse, UnaskedSwitch
+from dispatchkit.builtin._response_head import StrictHeadResponse, UnaskedSwitch
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchError,

@@ -14,17 +14,17 @@ import orjson
 
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Codec, Envelope
-from dispatchkit.server._convert import ArgumentError, FormValues, TaskSpec
+from dispatchkit.server._arguments import ArgumentError, FormValues, TaskSpec
 from dispatchkit.server._gateway import (
     RESULTS_MAX_BYTES,
     Gateway,
-    GatewayError,
     forwarded,
     route,
     task_id_from,
 )
+from dispatchkit.server._refused import Refused
 from dispatchkit.server._serve import BACKLOG, TaskServer
-from dispatchkit.server._signing import REPLAY_MAX, CallbackSigner, Refused, RequestVerifier
+from dispatchkit.server._signing import REPLAY_MAX, RequestVerifier
 from dispatchkit.signing import signs_body
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class TaskApp:
             self._verifier = RequestVerifier(signing_secret, signing_tolerance, signing_replay_max)
             if gateway and dispatcher is None:
                 # the gateway's calls back to this app must be signed too
-                dispatcher = Dispatcher(plugins=[CallbackSigner(self._verifier.keys)])
+                dispatcher = Dispatcher(signing_secret=self._verifier.keys)
                 self._own_dispatcher = dispatcher
         elif (signing_tolerance, signing_replay_max) != (300.0, REPLAY_MAX):
             raise ValueError("signing_tolerance and signing_replay_max need signing_secret")
@@ -286,32 +286,29 @@ class TaskApp:
     def _gateway_answer(
         self, gateway: Gateway, method: str, environ: WSGIEnvironment, action: str, arg: str
     ) -> bytes:
-        try:
-            if action == "apply":
-                if arg not in self._specs:
-                    raise Refused(HTTPStatus.NOT_FOUND, f"unknown task: {_shown_path(arg)}")
-                _allow(method, _APPLY_METHODS)
-                received: dict[str, object] = dict(_query_arguments(environ))
-                if method == "POST":
-                    received.update(self._body_arguments(environ))
-                task_id = task_id_from(environ.get("HTTP_IDEMPOTENCY_KEY"))
-                if self._verifier is not None:
-                    # the call back to the task may carry this apply's webhook-id
-                    self._verifier.replay.allow_follow_up(task_id, f"/{arg}")
-                answer = gateway.apply(
-                    arg,
-                    method,
-                    forwarded(received),
-                    json=method == "POST" and _is_json(_media_type(environ)),
-                    task_id=task_id,
-                    environ=environ,
-                )
-            else:
-                _allow(method, _INDEX_METHODS)
-                task_id = _from_latin1(arg)
-                answer = gateway.status(task_id) if action == "status" else gateway.done(task_id)
-        except GatewayError as exc:
-            raise Refused(exc.status, exc.reason, exc.headers) from None
+        if action == "apply":
+            if arg not in self._specs:
+                raise Refused(HTTPStatus.NOT_FOUND, f"unknown task: {_shown_path(arg)}")
+            _allow(method, _APPLY_METHODS)
+            received: dict[str, object] = dict(_query_arguments(environ))
+            if method == "POST":
+                received.update(self._body_arguments(environ))
+            task_id = task_id_from(environ.get("HTTP_IDEMPOTENCY_KEY"))
+            if self._verifier is not None:
+                # the call back to the task may carry this apply's webhook-id
+                self._verifier.replay.allow_follow_up(task_id, f"/{arg}")
+            answer = gateway.apply(
+                arg,
+                method,
+                forwarded(received),
+                json=method == "POST" and _is_json(_media_type(environ)),
+                task_id=task_id,
+                environ=environ,
+            )
+        else:
+            _allow(method, _INDEX_METHODS)
+            task_id = _from_latin1(arg)
+            answer = gateway.status(task_id) if action == "status" else gateway.done(task_id)
         try:
             return orjson.dumps(answer)
         except TypeError as exc:

@@ -1,6 +1,6 @@
 """The HTTP gateway: clients in any language apply a TaskApp's tasks asynchronously.
 
-This is the seed's ``celery.views.apply`` / ``task_status`` / ``is_task_done``
+This is Celery 1.0's ``celery.views.apply`` / ``task_status`` / ``is_task_done``
 (its ``celery_http_gateway`` example): ``/apply/<name>`` hands the call to a
 :class:`~dispatchkit.Dispatcher`'s executor, which calls the app's own task
 endpoint; ``/<id>/status`` and ``/<id>/done`` read the result from a bounded
@@ -29,14 +29,15 @@ from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Result
 from dispatchkit._results import AsyncResult
 from dispatchkit.exceptions import DispatchError, EncodeError, RemoteExecuteError
-from dispatchkit.server._convert import FormValues
+from dispatchkit.server._arguments import FormValues
+from dispatchkit.server._refused import Refused
 from dispatchkit.server._store import ResultStore, StoreFull
 from dispatchkit.states import FAILURE, PENDING, SUCCESS
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-__all__ = ["APPLY_PREFIX", "RESULTS_MAX_BYTES", "Gateway", "GatewayError", "Route", "route"]
+__all__ = ["APPLY_PREFIX", "RESULTS_MAX_BYTES", "Gateway", "Route", "route"]
 
 logger = logging.getLogger("dispatchkit.server")
 
@@ -54,18 +55,6 @@ _READ_TIMEOUT = 5.0
 RESULTS_MAX_BYTES = 64 << 20
 # What an entry of the store costs beyond the bytes counted for it (its objects), about.
 _ENTRY_BYTES = 512
-
-
-class GatewayError(Exception):
-    """The gateway cannot do what was asked: answer ``status`` with ``reason`` (and ``headers``)."""
-
-    def __init__(
-        self, status: HTTPStatus, reason: str, headers: list[tuple[str, str]] | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers or []
 
 
 class Route(NamedTuple):
@@ -110,7 +99,7 @@ def task_id_from(idempotency_key: str | None) -> str:
         return uuid.uuid4().hex
     key = idempotency_key.strip()
     if not _KEY.fullmatch(key) or key in _RESERVED_IDS:
-        raise GatewayError(
+        raise Refused(
             HTTPStatus.BAD_REQUEST,
             f"invalid Idempotency-Key {key[:60]!r}: use 1-200 characters of "
             "A-Z a-z 0-9 . _ ~ - (not starting with '.', not 'apply')",
@@ -247,12 +236,12 @@ class Gateway:
             added = self.store.add(task_id, _Reserved(task_id), size)
         except StoreFull as full:
             if full.retry_after is None:
-                raise GatewayError(
+                raise Refused(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"the arguments ({size} bytes as stored) exceed results_max_bytes "
                     f"({self.store.max_bytes})",
                 ) from None
-            raise GatewayError(
+            raise Refused(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 "the gateway's result store is full (results_max_bytes); try again later",
                 [("Retry-After", str(full.retry_after))],
@@ -265,12 +254,10 @@ class Gateway:
             result = dispatcher.apply_async(url, method, kwargs, task_id=task_id, json=json)
             submitted = True
         except EncodeError as exc:
-            raise GatewayError(HTTPStatus.BAD_REQUEST, exc.message) from None
+            raise Refused(HTTPStatus.BAD_REQUEST, exc.message) from None
         except DispatchError as exc:  # a closed Dispatcher, an executor that refuses work
             logger.error("gateway: cannot apply %r: %s", name, exc)
-            raise GatewayError(
-                HTTPStatus.SERVICE_UNAVAILABLE, f"cannot apply: {exc.message}"
-            ) from None
+            raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, f"cannot apply: {exc.message}") from None
         finally:
             if not submitted:
                 self.store.discard(task_id)  # nothing runs: a retry may apply it afresh
@@ -282,13 +269,13 @@ class Gateway:
         return answer
 
     def status(self, task_id: str) -> dict[str, Any]:
-        """The seed's ``task_status``: state and result; an unknown id is ``PENDING``."""
+        """Celery 1.0's ``task_status``: state and result; an unknown id is ``PENDING``."""
         entry = self._lookup(task_id)
         if not isinstance(entry, _Finished):
             state = PENDING if entry is None else entry.state
             return {"task": {"id": task_id, "status": state, "result": None}}
         if entry.unencodable is not None:
-            raise GatewayError(
+            raise Refused(
                 HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot encode the result: {entry.unencodable}"
             )
         answer: dict[str, Any] = {
@@ -302,7 +289,7 @@ class Gateway:
         return {"task": answer}
 
     def done(self, task_id: str) -> dict[str, Any]:
-        """The seed's ``is_task_done``: whether the call has finished (false when unknown)."""
+        """Celery 1.0's ``is_task_done``: whether the call has finished (false when unknown)."""
         entry = self._lookup(task_id)
         return {"task": {"id": task_id, "executed": entry is not None and entry.ready()}}
 
@@ -361,7 +348,7 @@ class Gateway:
         host = _WILDCARDS.get(host, host)
         port = str(environ.get("SERVER_PORT") or "")
         if scheme not in ("http", "https") or not _HOST.fullmatch(host) or not port.isdigit():
-            raise GatewayError(
+            raise Refused(
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 "cannot derive the callback URL from the WSGI environ; pass callback_url=",
             )
@@ -377,7 +364,7 @@ class Gateway:
     def _dispatcher(self) -> Dispatcher:
         with self._lock:
             if self._closed:
-                raise GatewayError(HTTPStatus.SERVICE_UNAVAILABLE, "the gateway is closed")
+                raise Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the gateway is closed")
             if self._given is not None:
                 return self._given
             if self._own is None:

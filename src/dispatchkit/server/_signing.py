@@ -1,8 +1,8 @@
 """TaskApp's side of Standard Webhooks: verify each request, refuse replays.
 
 The HMAC scheme itself is :mod:`dispatchkit.signing`, shared with the sender
-(the ``dispatchkit-signing`` plugin), which this module never imports: a
-TaskApp verifies signatures whether or not that plugin is installed.
+(the built-in ``signing`` plugin, which TaskApp's own gateway Dispatcher loads
+to sign its calls back to the app).
 """
 
 from __future__ import annotations
@@ -11,27 +11,24 @@ import heapq
 import math
 import threading
 import time
-from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from dispatchkit.hookspecs import hookimpl
+from dispatchkit.server._refused import Refused
 from dispatchkit.signing import (
     DEFAULT_TOLERANCE,
     SecretInput,
     SignatureError,
     SigningKeys,
     check,
-    sign_request,
     signs_body,
 )
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-    from dispatchkit._models import Request
 
-__all__ = ["REPLAY_MAX", "CallbackSigner", "Refused", "ReplayCache", "RequestVerifier"]
+__all__ = ["REPLAY_MAX", "ReplayCache", "RequestVerifier"]
 
 #: Ids remembered at most. Only requests with a valid signature add one, so only
 #: a key holder can fill it: 100,000 is ~330 signed requests a second, sustained
@@ -43,21 +40,6 @@ _ENVIRON_HEADERS = {
     "HTTP_WEBHOOK_TIMESTAMP": "webhook-timestamp",
     "HTTP_WEBHOOK_SIGNATURE": "webhook-signature",
 }
-
-
-class Refused(Exception):
-    """The request may not run: answer ``status`` with a failure envelope carrying ``reason``.
-
-    TaskApp raises it for every refusal (bad arguments, unknown task, bad signature).
-    """
-
-    def __init__(
-        self, status: HTTPStatus, reason: str, headers: Iterable[tuple[str, str]] = ()
-    ) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = list(headers)
 
 
 class ReplayCache:
@@ -166,22 +148,6 @@ class RequestVerifier:
             )
         path = str(environ.get("PATH_INFO") or "")
         self.replay.add(msg_id, timestamp + self.tolerance, path, now)
-
-
-class CallbackSigner:
-    """Signs the calls a TaskApp's own gateway Dispatcher makes back to the app."""
-
-    name = "signing"
-
-    def __init__(self, keys: SigningKeys) -> None:
-        self.keys = keys
-
-    def __repr__(self) -> str:
-        return f"<CallbackSigner {self.keys!r}>"
-
-    @hookimpl
-    def dispatchkit_prepare_request(self, request: Request) -> None:
-        sign_request(request, self.keys)
 
 
 def _environ_bytes(text: str) -> bytes:

@@ -1,4 +1,4 @@
-"""The seed's API: ``URL(...).get_async(...)`` and ``HttpDispatchTask.delay(...)``.
+"""The Celery-compatible API: ``URL(...).get_async(...)`` and ``HttpDispatchTask.delay(...)``.
 
 Both run on a Dispatcher: the one given, or a default one created lazily per
 process (a forked child gets its own) and closed at interpreter exit.
@@ -42,7 +42,7 @@ def _close_default() -> None:
 
 
 class URL:
-    """A task's URL whose query can be edited, with the seed's call methods.
+    """A task's URL whose query can be edited, with Celery 1.0's call methods.
 
     ``query`` is a dict of the URL's query arguments (a repeated key holds a
     list); edit it and ``str(url)`` re-encodes it. Keyword arguments of a call
@@ -101,7 +101,7 @@ class URL:
 
 
 class HttpDispatchTask:
-    """The seed's task, kept as a name: ``HttpDispatchTask.delay(url=..., method=..., **kw)``.
+    """Celery 1.0's task, kept as a name: ``HttpDispatchTask.delay(url=..., method=..., **kw)``.
 
     Not for subclassing: behaviour is changed by plugins (see docs/plugins.md).
     """
