@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from urllib3.util import parse_url
 
+from dispatchkit._checks import seconds
 from dispatchkit._encoding import QUERY_METHODS, SENT_AS_IS
 from dispatchkit.exceptions import SignatureError, UsageError
 
@@ -259,10 +260,7 @@ def verify(
     :class:`~dispatchkit.server.TaskApp` does) and refuse one seen before.
     """
     keys = SigningKeys.parse(secrets)
-    if isinstance(tolerance, bool) or not (
-        isinstance(tolerance, (int, float)) and 0 <= tolerance < math.inf
-    ):
-        raise UsageError(f"tolerance must be a finite number of seconds >= 0, got {tolerance!r}")
+    seconds(tolerance, "tolerance", zero=True)
     data = payload.encode() if isinstance(payload, str) else payload
     check(headers, data, keys, tolerance, time.time() if now is None else now)
 

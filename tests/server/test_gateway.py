@@ -641,11 +641,11 @@ def test_store_eviction_by_count_frees_bytes() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"results_max": 0}, "results_max must be a positive int"),
-        ({"results_max": True}, "results_max must be a positive int"),
-        ({"results_max_age": 0}, "results_max_age must be a positive number"),
-        ({"results_max_bytes": 0}, "results_max_bytes must be a positive int"),
-        ({"results_max_bytes": 1.5}, "results_max_bytes must be a positive int"),
+        ({"results_max": 0}, "results_max must be"),
+        ({"results_max": True}, "results_max must be"),
+        ({"results_max_age": 0}, "results_max_age must be"),
+        ({"results_max_bytes": 0}, "results_max_bytes must be"),
+        ({"results_max_bytes": 1.5}, "results_max_bytes must be"),
         ({"gateway": False, "results_max_bytes": 5}, "need gateway=True"),
         ({"callback_url": "ftp://host"}, "callback_url must be an http"),
         ({"callback_url": "http://host/?q=1"}, "callback_url must be an http"),

@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 import orjson
 
+from dispatchkit._checks import count, seconds
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Result
 from dispatchkit._results import AsyncResult
@@ -187,20 +188,9 @@ class Gateway:
         if dispatcher is not None and not isinstance(dispatcher, Dispatcher):
             raise TypeError(f"dispatcher must be a Dispatcher, got {type(dispatcher).__name__}")
         self.callback_url = None if callback_url is None else _checked_url(callback_url)
-        if isinstance(results_max, bool) or not isinstance(results_max, int) or results_max < 1:
-            raise ValueError(f"results_max must be a positive int, got {results_max!r}")
-        if isinstance(results_max_age, bool) or not (
-            isinstance(results_max_age, (int, float)) and results_max_age > 0
-        ):
-            raise ValueError(
-                f"results_max_age must be a positive number of seconds, got {results_max_age!r}"
-            )
-        if (
-            isinstance(results_max_bytes, bool)
-            or not isinstance(results_max_bytes, int)
-            or results_max_bytes < 1
-        ):
-            raise ValueError(f"results_max_bytes must be a positive int, got {results_max_bytes!r}")
+        count(results_max, "results_max")
+        seconds(results_max_age, "results_max_age")
+        count(results_max_bytes, "results_max_bytes")
         self.store: ResultStore[Result | _Finished] = ResultStore(
             results_max, results_max_age, max_bytes=results_max_bytes
         )

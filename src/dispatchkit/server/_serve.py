@@ -17,6 +17,7 @@ import threading
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from dispatchkit._checks import count, seconds
 from dispatchkit.server._handler import WSGIRequestHandler
 
 if TYPE_CHECKING:
@@ -158,12 +159,9 @@ class TaskServer:
         request_timeout: float = 30.0,
         backlog: int = BACKLOG,
     ) -> None:
-        if not idle_timeout > 0:
-            raise ValueError("idle_timeout must be positive")
-        if not request_timeout > 0:
-            raise ValueError("request_timeout must be positive")
-        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
-            raise ValueError(f"backlog must be a positive int, got {backlog!r}")
+        seconds(idle_timeout, "idle_timeout")
+        seconds(request_timeout, "request_timeout")
+        count(backlog, "backlog")
         self.app = app
         self.host = host
         self.idle_timeout = idle_timeout

@@ -14,6 +14,7 @@ import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+from dispatchkit._checks import count, seconds
 from dispatchkit.server._refused import Refused
 from dispatchkit.signing import (
     DEFAULT_TOLERANCE,
@@ -54,8 +55,7 @@ class ReplayCache:
     """
 
     def __init__(self, max_entries: int = REPLAY_MAX) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"signing_replay_max must be a positive int, got {max_entries!r}")
+        count(max_entries, "signing_replay_max")
         self.max_entries = max_entries
         self._expires: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []  # (expiry, id), stale pairs included
@@ -110,13 +110,7 @@ class RequestVerifier:
         replay_max: int = REPLAY_MAX,
     ) -> None:
         self.keys = SigningKeys.parse(secret)
-        if isinstance(tolerance, bool) or not (
-            isinstance(tolerance, (int, float)) and 0 < tolerance < math.inf
-        ):
-            raise ValueError(
-                f"signing_tolerance must be a positive, finite number of seconds, got {tolerance!r}"
-            )
-        self.tolerance = float(tolerance)
+        self.tolerance = seconds(tolerance, "signing_tolerance")
         self.replay = ReplayCache(replay_max)
 
     def __repr__(self) -> str:

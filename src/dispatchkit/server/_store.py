@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from dispatchkit._checks import count, seconds
+
 __all__ = ["ResultStore", "StoreFull"]
 
 V = TypeVar("V")
@@ -68,14 +70,10 @@ class ResultStore(Generic[V]):
         max_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"max_entries must be a positive int, got {max_entries!r}")
-        if isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or not max_age > 0:
-            raise ValueError(f"max_age must be a positive number of seconds, got {max_age!r}")
-        if max_bytes is not None and (
-            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
-        ):
-            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        count(max_entries, "max_entries")
+        seconds(max_age, "max_age")
+        if max_bytes is not None:
+            count(max_bytes, "max_bytes")
         self.max_entries = max_entries
         self.max_age = float(max_age)
         self.max_bytes = max_bytes
