@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dispatchkit import states
+from dispatchkit._async_dispatcher import AsyncDispatcher
 from dispatchkit._compat import URL, HttpDispatchTask, default_dispatcher
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import (
+    AsyncTransport,
     Call,
     Codec,
     Envelope,
@@ -40,7 +42,9 @@ from dispatchkit.exceptions import (
 from dispatchkit.hookspecs import hookimpl
 
 __all__ = [
+    "AsyncDispatcher",
     "AsyncResult",
+    "AsyncTransport",
     "Call",
     "Codec",
     "ConnectError",

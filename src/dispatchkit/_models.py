@@ -203,6 +203,20 @@ class Transport(Protocol):
 
 
 @runtime_checkable
+class AsyncTransport(Protocol):
+    """The asyncio twin of :class:`Transport`, for the AsyncDispatcher.
+
+    ``send`` must be cancellable: when the awaiting task is cancelled, the
+    request's connection is dropped (never reused half-read) and
+    :class:`asyncio.CancelledError` propagates.
+    """
+
+    async def send(self, request: Request) -> Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
 class Codec(Protocol):
     """Turns a response body into an :class:`Envelope`, and back on the server side."""
 

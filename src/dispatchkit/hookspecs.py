@@ -11,7 +11,8 @@ Hooks come in three groups:
 
 * lifecycle: :func:`dispatchkit_configure`, :func:`dispatchkit_close`;
 * strategy factories, ``firstresult``, called once and cached per Dispatcher:
-  :func:`dispatchkit_transport`, :func:`dispatchkit_codec`,
+  :func:`dispatchkit_transport` (and :func:`dispatchkit_async_transport` for
+  the AsyncDispatcher), :func:`dispatchkit_codec`,
   :func:`dispatchkit_retry_policy`, :func:`dispatchkit_executor`;
 * per call: :func:`dispatchkit_prepare_request` (before each attempt) and
   :func:`dispatchkit_call_done` (after each call).
@@ -26,8 +27,9 @@ import pluggy
 if TYPE_CHECKING:
     import tenacity
 
+    from dispatchkit._async_dispatcher import AsyncDispatcher
     from dispatchkit._dispatcher import Dispatcher
-    from dispatchkit._models import Codec, Executor, Outcome, Request, Transport
+    from dispatchkit._models import AsyncTransport, Codec, Executor, Outcome, Request, Transport
     from dispatchkit._settings import Settings
 
 PROJECT = "dispatchkit"
@@ -76,6 +78,20 @@ def dispatchkit_transport(scheme: str, dispatcher: Dispatcher) -> Transport | No
 
     :param scheme: the URL scheme, lower-case (``"http"``, ``"https"``, ...).
     :param dispatcher: the Dispatcher asking.
+    """
+
+
+@hookspec(firstresult=True)
+def dispatchkit_async_transport(scheme: str, dispatcher: AsyncDispatcher) -> AsyncTransport | None:
+    """Return the :class:`~dispatchkit.AsyncTransport` for URLs of ``scheme``, or ``None``.
+
+    The AsyncDispatcher's twin of :func:`dispatchkit_transport`: called once
+    per scheme per AsyncDispatcher (``http`` and ``https`` when it is built);
+    the answer is cached, and the AsyncDispatcher awaits its ``aclose()``
+    when it is closed. Stops at the first non-``None`` result.
+
+    :param scheme: the URL scheme, lower-case.
+    :param dispatcher: the AsyncDispatcher asking.
     """
 
 

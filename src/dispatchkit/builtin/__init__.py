@@ -7,7 +7,13 @@ order, and ``Dispatcher(disable=["retry"])`` turns a default off by name.
 from __future__ import annotations
 
 #: Names of the built-in plugin modules, in registration order.
-DEFAULT_PLUGINS: tuple[str, ...] = ("transport", "codec", "retry", "executor")
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "transport",
+    "async_transport",
+    "codec",
+    "retry",
+    "executor",
+)
 #: Built-in plugins loaded only when their setting is given (module name: setting), so
 #: that a Dispatcher without it pays for none of their hooks.
 PLUGINS_WHEN_SET: dict[str, str] = {"signing": "signing_secret"}

@@ -21,7 +21,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote
 
 import urllib3
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
@@ -45,6 +45,7 @@ from dispatchkit._egress import EgressPolicy, connect_guarded
 from dispatchkit._encoding import SENT_AS_IS, check_headers
 from dispatchkit._models import Request, Response
 from dispatchkit._redact import mask_url
+from dispatchkit._redirects import REDIRECT_STATUSES, SCHEMES, next_hop
 from dispatchkit._watchdog import Watchdog
 from dispatchkit.builtin._response_head import StrictHeadResponse, UnaskedSwitch
 from dispatchkit.exceptions import (
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
 CHUNK = 64 * 1024
 # scheme://authority, then the request target; a fragment is never sent.
 _ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)([^#]*)")
-SCHEMES = ("http", "https")
 
 
 class PoolTransport:
@@ -112,13 +112,13 @@ class PoolTransport:
             headers: Mapping[str, str] = request.headers
             for hop in range(self._follow + 1):
                 raw = self._open(request, url, method, body, headers)
-                if raw.status not in _REDIRECTS or hop == self._follow:
+                if raw.status not in REDIRECT_STATUSES or hop == self._follow:
                     break
                 location = raw.headers.get("location")
                 if not location:
                     break
                 self._read(raw, request)  # drained, so that the connection is reused
-                url, method, body, headers = _redirected(
+                url, method, body, headers = next_hop(
                     url, location, raw.status, method, body, headers
                 )
             body = self._read(raw, request)
@@ -368,36 +368,6 @@ def _refuse_http2(request: Request) -> None:
             "a transport plugin that speaks HTTP/2",
             request=request,
         )
-
-
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
-
-
-def _redirected(
-    url: str,
-    location: str,
-    status: int,
-    method: str,
-    body: bytes | None,
-    headers: Mapping[str, str],
-) -> tuple[str, str, bytes | None, Mapping[str, str]]:
-    """The next hop of a redirect, as browsers and requests take it."""
-    target = urljoin(url, location)
-    if urlsplit(target).scheme not in SCHEMES:
-        raise UsageError(f"redirect to an unsupported scheme: {mask_url(target)!r}")
-    if status == 303 or (status in (301, 302) and method == "POST"):
-        method, body = ("HEAD" if method == "HEAD" else "GET"), None
-        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-    if _origin(target) != _origin(url):
-        # Credentials were meant for the first origin, not wherever it points.
-        headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIALS}
-    return target, method, body, headers
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port
 
 
 def _translate(exc: HTTPError, request: Request) -> NoReturn:

@@ -1,0 +1,245 @@
+"""The AsyncDispatcher: the Dispatcher's pipeline, driven by asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import tenacity
+
+from dispatchkit._models import AsyncTransport, Call, PluginInfo, Request, Response
+from dispatchkit._pipeline import AfterFailure, Pipeline, plugin_failure, scheme_of
+from dispatchkit._redirects import SCHEMES
+from dispatchkit._settings import Settings
+from dispatchkit.exceptions import DispatchError, UsageError
+
+__all__ = ["AsyncDispatcher"]
+
+_EMPTY: Mapping[str, Any] = {}
+
+
+class AsyncDispatcher:
+    """Calls HTTP callback tasks from asyncio: ``await d.call(url, **kwargs)``.
+
+    Takes the same settings, plugins and ``disable`` as
+    :class:`~dispatchkit.Dispatcher`, and raises the same errors: both drive
+    one pipeline (building, hooks, answers, retry policy, logging); only
+    sending and sleeping differ. Sending is the ``dispatchkit_async_transport``
+    hook's, built in on aiohttp (``pip install 'dispatchkit[async]'``).
+
+    Use it from one event loop, as ``async with AsyncDispatcher() as d:`` or
+    closing it with ``await d.aclose()``. Cancelling the task that awaits a
+    call cancels the call: its connection is dropped, and no result arrives
+    later.
+    """
+
+    def __init__(
+        self,
+        *,
+        plugins: Iterable[object] = (),
+        disable: Iterable[str] = (),
+        **settings: Any,
+    ) -> None:
+        self._pipeline = pipeline = Pipeline(self, settings, plugins, disable)
+        self.settings: Settings = pipeline.settings
+        policy = pipeline.retrying
+        # The same policy (its strategy objects), on asyncio's clock.
+        self._retrying = None if policy is None else _async_policy(policy)
+        self._transports: dict[str, AsyncTransport] = {}
+        self._closed = False
+        try:
+            for scheme in SCHEMES:  # now, so that a missing aiohttp is said at once
+                transport = self._ask_transport(scheme)
+                if transport is not None:
+                    self._transports[scheme] = transport
+        except BaseException:
+            pipeline.close_plugins()
+            raise
+
+    # -- public API ---------------------------------------------------------------------
+
+    async def call(self, url: str, /, method: str = "GET", **kwargs: Any) -> Any:
+        """Call the task at ``url`` with ``kwargs`` and return its ``retval``.
+
+        Raises :class:`~dispatchkit.RemoteExecuteError` when the task reports
+        failure, and another :class:`~dispatchkit.DispatchError` when the call
+        itself fails. For per-call options use :meth:`apply`.
+        """
+        return await self._run(self._pipeline.build(Call(url, method, kwargs)))
+
+    async def apply(
+        self,
+        url: str,
+        method: str = "GET",
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        task_id: str | None = None,
+        json: bool = False,
+    ) -> Any:
+        """Like :meth:`call`, with the task's arguments as one mapping and options beside them.
+
+        The options are :meth:`Dispatcher.apply <dispatchkit.Dispatcher.apply>`'s.
+        """
+        call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json)
+        return await self._run(self._pipeline.build(call))
+
+    async def execute(self, call: Call) -> Any:
+        """Run a :class:`~dispatchkit.Call` now."""
+        return await self._run(self._pipeline.build(call))
+
+    async def map(
+        self,
+        url: str,
+        calls: Iterable[Mapping[str, Any]],
+        method: str = "GET",
+        *,
+        concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Call ``url`` once per mapping of arguments in ``calls``; return the retvals in order.
+
+        At most ``concurrency`` calls (default ``pool_maxsize``) are in flight;
+        a new one starts as soon as one ends. The first error (in order) is
+        raised once the calls in flight have finished, and no new call starts
+        after an error; with ``return_exceptions=True`` errors take their place
+        in the list instead. Cancelling ``map`` cancels every call in flight.
+        """
+        window = concurrency or self.settings.pool_maxsize
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise UsageError(f"concurrency must be a positive int, got {concurrency!r}")
+        slots = asyncio.Semaphore(window)
+        tasks: list[asyncio.Task[Any]] = []
+        failed = False
+
+        async def one(kwargs: Mapping[str, Any]) -> Any:
+            nonlocal failed
+            try:
+                return await self.apply(url, method, kwargs)
+            except DispatchError:
+                failed = failed or not return_exceptions
+                raise
+            finally:
+                slots.release()
+
+        try:
+            for kwargs in calls:
+                await slots.acquire()
+                if failed:
+                    slots.release()
+                    break
+                tasks.append(asyncio.ensure_future(one(kwargs)))
+            values = await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        for value in values:
+            if isinstance(value, BaseException) and not (
+                return_exceptions and isinstance(value, DispatchError)
+            ):
+                raise value
+        return values
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        """Every registered plugin: name, distribution, version and the hooks it implements."""
+        return self._pipeline.plugins
+
+    async def aclose(self) -> None:
+        """Close every transport (their connections) and the plugins; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        transports = {id(t): t for t in self._transports.values()}.values()
+        self._transports.clear()
+        for transport in transports:
+            await transport.aclose()
+        self._pipeline.close_plugins()
+
+    async def __aenter__(self) -> AsyncDispatcher:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        names = ", ".join(info.name for info in self._pipeline.infos)
+        return f"<AsyncDispatcher plugins=[{names}]{' closed' if self._closed else ''}>"
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def _run(self, request: Request) -> Any:
+        if self._closed:
+            raise UsageError("this AsyncDispatcher is closed", request=request)
+        pipeline = self._pipeline
+        started = time.perf_counter()
+        try:
+            transport = self._transport_for(request)
+            try:
+                response = await self._attempt(request, transport)
+            except DispatchError as first:
+                if self._retrying is None:
+                    raise
+                response = await self._retrying.copy()(
+                    AfterFailure(first, lambda: self._attempt(request, transport))
+                )
+            retval = pipeline.retval(request, response)
+        except DispatchError as exc:
+            pipeline.failed(request, exc, started)
+            raise
+        pipeline.succeeded(request, retval, started)
+        return retval
+
+    async def _attempt(self, request: Request, transport: AsyncTransport) -> Response:
+        self._pipeline.begin_attempt(request)
+        try:
+            response = await transport.send(request)
+        except DispatchError as exc:
+            exc.bind(request)  # the retry policy decides on the call's method
+            raise
+        except Exception as exc:
+            raise plugin_failure(exc, request) from exc
+        return self._pipeline.checked(request, response)
+
+    def _transport_for(self, request: Request) -> AsyncTransport:
+        transport = self._transports.get(request.url.partition(":")[0])
+        if transport is not None:
+            return transport
+        scheme = scheme_of(request)
+        transport = self._transports.get(scheme) or self._ask_transport(scheme)
+        if transport is None:
+            raise UsageError(f"no async transport for scheme {scheme!r}", request=request)
+        self._transports[scheme] = transport
+        return transport
+
+    def _ask_transport(self, scheme: str) -> AsyncTransport | None:
+        transport: AsyncTransport | None = self._pipeline.pm.hook.dispatchkit_async_transport(
+            scheme=scheme, dispatcher=self
+        )
+        return transport
+
+
+def _async_policy(policy: tenacity.Retrying) -> tenacity.AsyncRetrying:
+    """``policy``'s strategies in a tenacity ``AsyncRetrying`` (which sleeps with asyncio)."""
+    return tenacity.AsyncRetrying(
+        stop=policy.stop,
+        wait=policy.wait,
+        retry=policy.retry,
+        before=policy.before,
+        after=policy.after,
+        before_sleep=policy.before_sleep,
+        reraise=policy.reraise,
+        retry_error_cls=policy.retry_error_cls,
+        retry_error_callback=policy.retry_error_callback,
+    )

@@ -1,0 +1,288 @@
+"""Built-in asyncio transport: aiohttp connection pools, for the AsyncDispatcher.
+
+It keeps the sync transport's promises: keep-alive pools per host bounded by
+``pool_maxsize``, TLS verified unless ``verify=False``, redirects followed
+only as ``follow_redirects`` allows, bodies refused past
+``max_response_bytes`` (decoded size) without being held, a total deadline
+per attempt, the egress policy checked on the addresses connected to, and
+every aiohttp error translated here, once, into the dispatchkit hierarchy.
+
+aiohttp is the optional extra ``dispatchkit[async]``; without it an
+AsyncDispatcher cannot be built (a :class:`~dispatchkit.UsageError` says which
+extra to install).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from dispatchkit._egress import EgressPolicy
+from dispatchkit._encoding import SENT_AS_IS
+from dispatchkit._models import Request, Response
+from dispatchkit._redirects import REDIRECT_STATUSES, SCHEMES, next_hop
+from dispatchkit.exceptions import (
+    ConnectError,
+    DispatchError,
+    DispatchTimeout,
+    EgressDenied,
+    InvalidResponseError,
+    ResponseTooLargeError,
+    TransportError,
+    UsageError,
+)
+from dispatchkit.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from dispatchkit._async_dispatcher import AsyncDispatcher
+    from dispatchkit._settings import Settings
+
+CHUNK = 64 * 1024
+#: Without a ``deadline`` setting, an attempt may last this many times its ``timeout``.
+DEADLINE_FACTOR = 6
+EXTRA = "pip install 'dispatchkit[async]'"
+
+
+def import_aiohttp() -> Any:
+    """aiohttp, or the :class:`UsageError` that says how to install it."""
+    try:
+        import aiohttp
+    except ImportError as exc:
+        raise UsageError(f"the AsyncDispatcher needs aiohttp: {EXTRA}") from exc
+    return aiohttp
+
+
+class AiohttpTransport:
+    """Sends requests over an aiohttp session made in the event loop that first uses it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._aiohttp = import_aiohttp()
+        self._settings = settings
+        self._limit = settings.max_response_bytes
+        self._follow = settings.follow_redirects
+        self._deadline = settings.deadline
+        self._policy = EgressPolicy(settings.egress_allow) if settings.egress == "public" else None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._checked_hosts: set[str] = set()
+
+    # -- the session ----------------------------------------------------------------------
+
+    def _session_here(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is not None and self._loop is loop:
+            return self._session
+        if self._session is not None:
+            raise UsageError("an AsyncDispatcher is bound to the event loop that first used it")
+        lib = self._aiohttp
+        settings = self._settings
+        connector = lib.TCPConnector(
+            limit=0,  # no bound over all hosts; per host, like the sync pools:
+            limit_per_host=settings.pool_maxsize,
+            ssl=_ssl_context(settings),
+            force_close=not settings.keep_alive,
+            resolver=None if self._policy is None else _EgressResolver(lib, self._policy),
+            ttl_dns_cache=10,
+        )
+        session: aiohttp.ClientSession = lib.ClientSession(
+            connector=connector,
+            # What the sync transport sends, nothing more (aiohttp adds Accept and
+            # Accept-Encoding otherwise); cookies are never kept between calls.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+            cookie_jar=lib.DummyCookieJar(),
+            auto_decompress=True,
+        )
+        self._session, self._loop = session, loop
+        return session
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            total = self._deadline or DEADLINE_FACTOR * seconds
+            timeout = self._aiohttp.ClientTimeout(
+                total=total, connect=seconds, sock_connect=seconds, sock_read=seconds
+            )
+            if len(self._timeouts) < 64:
+                self._timeouts[seconds] = timeout
+        return timeout
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def send(self, request: Request) -> Response:
+        session = self._session_here()
+        timeout = self._timeout(request.timeout)
+        url, method, body = request.url, request.method, request.body
+        headers: Any = request.headers
+        try:
+            for hop in range(self._follow + 1):
+                if self._policy is not None:
+                    self._check_literal(url, request)
+                async with session.request(
+                    method,
+                    self._url(url),
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=timeout,
+                ) as answer:
+                    location = answer.headers.get("Location")
+                    if answer.status in REDIRECT_STATUSES and hop < self._follow and location:
+                        await self._read(answer, request)  # drained: the connection is reused
+                        url, method, body, headers = next_hop(
+                            url, location, answer.status, method, body, headers
+                        )
+                        continue
+                    data = await self._read(answer, request)
+                    return Response(answer.status, answer.headers, data)
+        except DispatchError:
+            raise
+        except Exception as exc:
+            _translate(self._aiohttp, exc, request, timeout.total)
+        raise AssertionError("unreachable: the last hop returns")  # pragma: no cover
+
+    def _url(self, url: str) -> Any:
+        # A URL made only of RFC 3986 characters goes out exactly as written (as the sync
+        # transport sends it, and as the signing plugin signed it); yarl encodes the rest.
+        target = url.partition("://")[2]
+        return self._aiohttp.client.URL(url, encoded=bool(SENT_AS_IS.fullmatch(target)))
+
+    def _check_literal(self, url: str, request: Request) -> None:
+        """aiohttp skips the resolver for an IP address: check a literal host here."""
+        host = self._aiohttp.client.URL(url).host or ""
+        if host in self._checked_hosts:
+            return
+        assert self._policy is not None
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return  # a name: the resolver checks what it resolves to
+        if not (self._policy.permits(ip) or self._policy.host_allowed(host)):
+            raise EgressDenied(
+                f"egress policy refuses {host}: not a public address", request=request
+            )
+        if len(self._checked_hosts) < 1024:
+            self._checked_hosts.add(host)
+
+    async def _read(self, answer: aiohttp.ClientResponse, request: Request) -> bytes:
+        limit = self._limit
+        length = answer.content_length
+        if length is not None and length > limit:
+            raise ResponseTooLargeError(
+                f"response body of {length} bytes exceeds max_response_bytes={limit}",
+                limit=limit,
+                status=answer.status,
+                request=request,
+            )
+        if length is not None and "Content-Encoding" not in answer.headers:
+            data: bytes = await answer.read()
+            return data
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in answer.content.iter_chunked(CHUNK):  # decoded bytes
+            size += len(chunk)
+            if size > limit:
+                raise ResponseTooLargeError(
+                    f"response body exceeds max_response_bytes={limit}",
+                    limit=limit,
+                    status=answer.status,
+                    request=request,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+class _EgressResolver:
+    """aiohttp's resolver, keeping only the addresses the egress policy allows."""
+
+    def __init__(self, aiohttp: Any, policy: EgressPolicy) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._policy = policy
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[dict[str, Any]]:
+        infos: list[dict[str, Any]] = await self._inner.resolve(host, port, family)
+        if self._policy.host_allowed(host):
+            return infos
+        allowed = [i for i in infos if self._policy.permits(ipaddress.ip_address(i["host"]))]
+        if not allowed:
+            shown = ", ".join(sorted({str(i["host"]) for i in infos}))
+            raise EgressDenied(f"egress policy refuses {host} ({shown}): not a public address")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | bool:
+    if not settings.verify:
+        return False
+    context = ssl.create_default_context(cafile=settings.ca_certs)
+    if settings.client_cert is not None:
+        context.load_cert_chain(settings.client_cert, settings.client_key)
+    return context
+
+
+def _translate(aiohttp: Any, exc: Exception, request: Request, total: float | None) -> NoReturn:
+    """Raise the dispatchkit error for what aiohttp (or asyncio) raised."""
+    errors = aiohttp.client_exceptions
+    if isinstance(exc, errors.ConnectionTimeoutError):
+        raise DispatchTimeout(
+            f"connect timed out after {request.timeout}s", request=request
+        ) from exc
+    if isinstance(exc, errors.ServerTimeoutError):
+        raise DispatchTimeout(f"read timed out after {request.timeout}s", request=request) from exc
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        raise DispatchTimeout(
+            f"attempt ran past its total deadline of {total:g}s", request=request
+        ) from exc
+    if isinstance(exc, errors.ClientSSLError | errors.ServerFingerprintMismatch):
+        raise TransportError(f"TLS failed: {exc}", request=request, transient=False) from exc
+    if isinstance(exc, errors.ClientConnectorError | errors.ClientConnectorDNSError):
+        raise ConnectError(f"cannot connect: {exc}", request=request) from exc
+    if isinstance(exc, errors.ClientPayloadError) and _is_decoding(exc):
+        raise InvalidResponseError(f"cannot decode the body: {exc}", request=request) from exc
+    if isinstance(exc, errors.InvalidURL):
+        raise UsageError(f"invalid URL: {exc}", request=request) from exc
+    if isinstance(exc, errors.ClientError | OSError):
+        raise TransportError(
+            f"connection broken: {type(exc).__name__}: {exc}", request=request
+        ) from exc
+    if isinstance(exc, ValueError):  # a header or method aiohttp will not send
+        raise UsageError(f"cannot send the request: {exc}", request=request) from exc
+    raise TransportError(f"{type(exc).__name__}: {exc}", request=request) from exc
+
+
+def _is_decoding(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "decod" in text or "compress" in text or "content-encoding" in text
+
+
+class Plugin:
+    """Gives every AsyncDispatcher one :class:`AiohttpTransport` for http and https."""
+
+    name = "async_transport"
+
+    def __init__(self) -> None:
+        self._transport: AiohttpTransport | None = None
+
+    @hookimpl(trylast=True)
+    def dispatchkit_async_transport(
+        self, scheme: str, dispatcher: AsyncDispatcher
+    ) -> AiohttpTransport | None:
+        if scheme not in SCHEMES:
+            return None
+        if self._transport is None:
+            self._transport = AiohttpTransport(dispatcher.settings)
+        return self._transport
