@@ -1,4 +1,4 @@
-"""The targets of the benchmark issue, as ratios of medians measured in the same run."""
+"""The benchmark suite's targets, as ratios of medians measured in the same run."""
 
 from __future__ import annotations
 

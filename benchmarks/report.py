@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import ssl
+import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,23 @@ def versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[name] = None
     return found
+
+
+def commit() -> dict[str, Any]:
+    """The commit measured, and the Python files under src/ and plugins/ that differ from it."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--untracked-files=all", "--", "src", "plugins")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD").strip() or None,
+        "uncommitted": sorted(
+            line[3:] for line in changed.splitlines() if line.rstrip().endswith(".py")
+        ),
+    }
 
 
 def machine() -> dict[str, Any]:

@@ -229,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": name,
         "argv": list(sys.argv[1:] if argv is None else argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        **report.commit(),  # docs/benchmarks.md names the commit a run measured
         "versions": report.versions(),
         "machine": report.machine(),
         "plugins": clients.plugins_on(),

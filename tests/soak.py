@@ -1,6 +1,6 @@
 """Soak: many calls through one Dispatcher from many threads, 1 % of them answered 503.
 
-Issue 6, item 5. The full run (100,000 calls from 32 threads, a few minutes)::
+The full run (100,000 calls from 32 threads, a few minutes)::
 
     .venv/bin/python tests/soak.py                      # --calls 100000 --threads 32
     .venv/bin/python tests/soak.py --calls 10000        # what tests/test_soak.py runs

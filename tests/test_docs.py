@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,80 @@ def test_example_entry_point_is_documented(guide: str) -> None:
     toml = "\n".join(code_blocks(guide, "toml"))
     assert "[project.entry-points.dispatchkit]" in toml
     assert section.group(1) in toml
+
+
+# -- the docs as a whole ---------------------------------------------------------------
+
+PROTOCOL_MD = ROOT / "docs" / "protocol.md"
+#: A reference to a design document or an issue tracker that is not in the repository.
+OUTSIDE_REFERENCE = re.compile(r"DESIGN(\.md| §| section)|\bissue \d+", re.IGNORECASE)
+
+
+def test_the_error_table_names_every_error_under_its_parent() -> None:
+    """docs/protocol.md holds the one error table: every error, each under its base class."""
+    from dispatchkit import exceptions
+
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    section = re.search(r"^## Errors\n(.*?)^## ", text, re.MULTILINE | re.DOTALL)
+    assert section is not None, "docs/protocol.md has no '## Errors' section"
+    block = re.search(r"^    DispatchError\n(?:    .+\n)*", section.group(1), re.MULTILINE)
+    assert block is not None, "no hierarchy tree (from DispatchError) in docs/protocol.md"
+    tree = re.findall(r"^    ([│├└─ ]*)(\w+)", block.group(0), re.MULTILINE)
+    assert tree, "no hierarchy tree in docs/protocol.md's Errors section"
+    parents: dict[str, str | None] = {}
+    stack: list[str] = []
+    for prefix, name in tree:
+        depth = len(prefix) // 4
+        del stack[depth:]
+        parents[name] = stack[-1] if stack else None
+        stack.append(name)
+    errors = {
+        name: obj
+        for name in exceptions.__all__
+        if isinstance(obj := getattr(exceptions, name), type) and issubclass(obj, Exception)
+    }
+    assert set(parents) == set(errors), (
+        f"docs/protocol.md's tree lacks {sorted(set(errors) - set(parents))}, "
+        f"names unknown {sorted(set(parents) - set(errors))}"
+    )
+    for name, parent in parents.items():
+        bases = [base.__name__ for base in errors[name].__bases__]
+        assert (parent or "Exception") in bases, f"{name} is shown under {parent}, not {bases}"
+
+
+def repository_text_files() -> list[Path]:
+    """The files git tracks or would track (not ignored), that exist and hold text."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"not a git work tree: {exc}")
+    found = []
+    for name in sorted(set(listed.decode().split("\0")) - {""}):
+        path = ROOT / name
+        if path.is_file() and b"\0" not in path.read_bytes()[:8192]:
+            found.append(path)
+    return found
+
+
+def test_no_reference_to_documents_outside_the_repository() -> None:
+    """Docs, code and tests cite nothing a reader of the repository cannot open."""
+    files = repository_text_files()
+    assert ROOT / "README.md" in files, "git ls-files found no README.md?"
+    hits = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if OUTSIDE_REFERENCE.search(line):
+                hits.append(f"{path.relative_to(ROOT).as_posix()}:{number}: {line.strip()[:120]}")
+    assert not hits, (
+        "references to a design document or an issue outside the repository (say what is "
+        "meant, or link a file in the repository):\n" + "\n".join(hits)
+    )

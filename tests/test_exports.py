@@ -1,4 +1,4 @@
-"""The public surface: a sorted, complete ``__all__`` and the hierarchy of DESIGN §2."""
+"""The public surface: a sorted, complete ``__all__`` and the error hierarchy."""
 
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ def test_all_is_sorted_and_complete(module: object) -> None:
         assert hasattr(module, name), name
 
 
-def test_root_exports_what_the_design_names() -> None:
-    design = """Dispatcher Request Response Envelope Transport Codec hookimpl DispatchError
+def test_root_exports_the_core_names() -> None:
+    core = """Dispatcher Request Response Envelope Transport Codec hookimpl DispatchError
         TransportError ConnectError DispatchTimeout HTTPStatusError InvalidResponseError
         UnknownStatusError ResponseTooLargeError RemoteExecuteError PluginLoadError"""
-    for name in design.split():
+    for name in core.split():
         assert name in dispatchkit.__all__, name
 
 

@@ -1,4 +1,4 @@
-"""Fault injection: what a call does when the server or the network misbehaves (issue 6, item 3).
+"""Fault injection: what a call does when the server or the network misbehaves.
 
 Every fault is played by a socket-level scripted server on 127.0.0.1
 (``support.scripted_server``), so the bytes on the wire are exactly the ones

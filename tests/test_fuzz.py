@@ -1,4 +1,4 @@
-"""Property tests (hypothesis): codec, envelope and argument encoding (issue 6, item 4).
+"""Property tests (hypothesis): codec, envelope and argument encoding.
 
 * Any bytes, under any content type and status, become a value or one of the
   documented errors (``InvalidResponseError`` and its subclasses for a 2xx,
@@ -366,7 +366,7 @@ scalars = texts | ints | floats | st.booleans()
 
 
 def as_sent(value: Any) -> Any:
-    """The str a scalar becomes on the wire (DESIGN section 1)."""
+    """The str a scalar becomes on the wire (docs/protocol.md, Values)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return value if isinstance(value, str) else str(value)

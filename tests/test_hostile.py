@@ -217,7 +217,7 @@ def _brotli(data_size: int) -> bytes:
 
 
 def _zstd(data_size: int) -> bytes:
-    zstd = pytest.importorskip("backports.zstd") if sys.version_info < (3, 14) else None
+    zstd: Any = pytest.importorskip("backports.zstd") if sys.version_info < (3, 14) else None
     if zstd is None:  # pragma: no cover - Python 3.14+
         from compression import zstd  # type: ignore[import-not-found,no-redef]
     c = zstd.ZstdCompressor()

@@ -21,7 +21,7 @@ import pytest
 try:
     from support.node_peer import NODE, PEER_SCRIPT, node_peer
 except ImportError:  # tests/ collected as a package
-    from tests.support.node_peer import NODE, PEER_SCRIPT, node_peer
+    from tests.support.node_peer import NODE, PEER_SCRIPT, node_peer  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 

@@ -810,7 +810,7 @@ def test_plugin_given_in_code_replaces_a_builtin_of_its_name(
     make_dispatcher: MakeDispatcher, peer: str
 ) -> None:
     counting = CountingPlugin()
-    counting.name = "transport"  # type: ignore[misc]
+    counting.name = "transport"
     d = make_dispatcher(plugins=[counting])
     assert d.call(f"{peer}/multiply", x=2, y=5) == 10
     assert counting.transport is not None
@@ -825,7 +825,7 @@ def test_two_plugins_of_one_name_are_refused() -> None:
 
 def test_disable_must_be_a_list() -> None:
     with pytest.raises(UsageError, match="lists, not a single string"):
-        Dispatcher(disable="example")  # type: ignore[arg-type]
+        Dispatcher(disable="example")
 
 
 class FlakyTransport:

@@ -1,4 +1,4 @@
-"""The built-in retry policy (DESIGN §3), against the Node.js peer."""
+"""The built-in retry policy (docs/protocol.md, Retries), against the Node.js peer."""
 
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from dispatchkit import URL, Dispatcher, DispatchError, Settings, hookimpl
+from dispatchkit import URL, AsyncResult, Dispatcher, DispatchError, Settings, hookimpl
 from dispatchkit._cli import main
 
 PASSWORD = "pw-8c1f0e"
@@ -72,7 +72,7 @@ def test_refused_connection_masks_secrets(make_dispatcher: Any) -> None:
 
 
 def test_async_results_and_reprs_mask_secrets(dispatcher: Dispatcher, peer: str) -> None:
-    result = dispatcher.submit(_secret_url(peer, "/fail"), reason="nope")
+    result = cast(AsyncResult, dispatcher.submit(_secret_url(peer, "/fail"), reason="nope"))
     error = result.get(timeout=10, propagate=False)
     texts = [repr(result), result.traceback or "", repr(error), str(error), repr(dispatcher)]
     texts.append(repr(URL(_secret_url(peer, "/multiply"))))

@@ -1,4 +1,4 @@
-"""The CI-sized soak (issue 6, item 5): 10,000 calls from 32 threads, 1 % answered 503.
+"""The CI-sized soak: 10,000 calls from 32 threads, 1 % answered 503.
 
 The full 100,000-call run is ``.venv/bin/python tests/soak.py``; both run
 ``soak.run`` and check the same things (see its docstring). This test takes

@@ -1,7 +1,7 @@
 """Start the Node.js task-server peer (``tests/peers/taskserver.mjs``) for a test.
 
-The peer is a second, non-Python implementation of the wire protocol in
-DESIGN.md section 1. It prints ``LISTENING http://127.0.0.1:<port>`` once it is
+The peer is a second, non-Python implementation of the wire protocol of
+docs/protocol.md. It prints ``LISTENING http://127.0.0.1:<port>`` once it is
 ready and exits by itself when its stdin closes, so it cannot outlive the test
 process even if this helper never gets to clean up.
 """
