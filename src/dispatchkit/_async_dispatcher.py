@@ -116,10 +116,12 @@ class AsyncDispatcher:
         tasks: list[asyncio.Task[Any]] = []
         failed = False
 
+        build = self._pipeline.build
+
         async def one(kwargs: Mapping[str, Any]) -> Any:
             nonlocal failed
             try:
-                return await self.apply(url, method, kwargs)
+                return await self._run(build(Call(url, method, kwargs)))
             except DispatchError:
                 failed = failed or not return_exceptions
                 raise
@@ -187,8 +189,18 @@ class AsyncDispatcher:
         try:
             transport = self._transport_for(request)
             try:
-                response = await self._attempt(request, transport)
+                # _attempt's body, inlined: every coroutine frame between the event loop
+                # and aiohttp is resumed again at each of its suspensions.
+                pipeline.begin_attempt(request)
+                try:
+                    response = await transport.send(request)
+                except DispatchError:
+                    raise
+                except Exception as exc:
+                    raise plugin_failure(exc, request) from exc
+                response = pipeline.checked(request, response)
             except DispatchError as first:
+                first.bind(request)  # the retry policy decides on the call's method
                 if self._retrying is None:
                     raise
                 response = await self._retrying.copy()(

@@ -105,8 +105,10 @@ class AiohttpTransport:
         timeout = self._timeouts.get(seconds)
         if timeout is None:
             total = self._deadline or DEADLINE_FACTOR * seconds
+            # No ``connect`` timeout: it arms a timer on every request, pooled or not. Waiting
+            # for a free pooled connection is bounded by the attempt's total deadline.
             timeout = self._aiohttp.ClientTimeout(
-                total=total, connect=seconds, sock_connect=seconds, sock_read=seconds
+                total=total, sock_connect=seconds, sock_read=seconds
             )
             if len(self._timeouts) < 64:
                 self._timeouts[seconds] = timeout
@@ -131,15 +133,25 @@ class AiohttpTransport:
                     allow_redirects=False,
                     timeout=timeout,
                 ) as answer:
-                    location = answer.headers.get("Location")
-                    if answer.status in REDIRECT_STATUSES and hop < self._follow and location:
-                        await self._read(answer, request)  # drained: the connection is reused
-                        url, method, body, headers = next_hop(
-                            url, location, answer.status, method, body, headers
-                        )
-                        continue
-                    data = await self._read(answer, request)
-                    return Response(answer.status, answer.headers, data)
+                    status, answer_headers = answer.status, answer.headers
+                    if status in REDIRECT_STATUSES and hop < self._follow:
+                        location = answer_headers.get("Location")
+                        if location:
+                            await self._read(answer, request)  # drained: the connection is reused
+                            url, method, body, headers = next_hop(
+                                url, location, status, method, body, headers
+                            )
+                            continue
+                    length = answer.content_length
+                    if (
+                        length is not None
+                        and length <= self._limit
+                        and "Content-Encoding" not in answer_headers
+                    ):
+                        data: bytes = await answer.read()  # the common case, inline
+                    else:
+                        data = await self._read(answer, request)
+                    return Response(status, answer_headers, data)
         except DispatchError:
             raise
         except Exception as exc:
