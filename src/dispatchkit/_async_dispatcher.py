@@ -11,7 +11,7 @@ from typing import Any
 import tenacity
 
 from dispatchkit._models import AsyncTransport, Call, PluginInfo, Request, Response
-from dispatchkit._pipeline import AfterFailure, Pipeline, plugin_failure, scheme_of
+from dispatchkit._pipeline import AsyncAfterFailure, Pipeline, plugin_failure, scheme_of
 from dispatchkit._redirects import SCHEMES
 from dispatchkit._settings import Settings
 from dispatchkit.exceptions import DispatchError, UsageError
@@ -204,7 +204,7 @@ class AsyncDispatcher:
                 if self._retrying is None:
                     raise
                 response = await self._retrying.copy()(
-                    AfterFailure(first, lambda: self._attempt(request, transport))
+                    AsyncAfterFailure(first, lambda: self._attempt(request, transport))
                 )
             retval = pipeline.retval(request, response)
         except DispatchError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import reprlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import tenacity
@@ -177,8 +177,8 @@ class AfterFailure(Generic[T]):
     The first attempt runs outside tenacity, which costs more than the rest of
     the pipeline. From its failure on the policy decides: tenacity's first
     "attempt" re-raises that failure, so the policy judges it as if it had run
-    it; every later one is real. ``attempt()`` returns a Response, or for the
-    asyncio driver a coroutine of one (``AsyncRetrying`` awaits it).
+    it; every later one is real. ``attempt()`` returns a Response (for the
+    asyncio driver see :class:`AsyncAfterFailure`).
     """
 
     def __init__(self, failure: DispatchError, attempt: Callable[[], T]) -> None:
@@ -190,3 +190,10 @@ class AfterFailure(Generic[T]):
         if failure is not None:
             raise failure
         return self._attempt()
+
+
+class AsyncAfterFailure(AfterFailure[Awaitable[T]]):
+    """:class:`AfterFailure` for ``AsyncRetrying``, which awaits only coroutine callables."""
+
+    async def __call__(self) -> T:
+        return await super().__call__()
