@@ -31,6 +31,7 @@ from conftest import require
 from dispatchkit import Dispatcher, Outcome, Request, hookimpl
 from dispatchkit.server import TaskApp, TaskServer
 from dispatchkit.server._gateway import Gateway, route
+from dispatchkit.server._http import Origin, asgi_request, wsgi_request
 from dispatchkit.server._store import ResultStore, StoreFull
 from support.node_peer import NODE
 
@@ -692,6 +693,10 @@ def environ(**values: str) -> dict[str, Any]:
     return {**base, "HTTP_HOST": "evil.invalid:666", **values}
 
 
+def wsgi_origin(**values: str) -> Origin:
+    return wsgi_request(environ(**values)).origin
+
+
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
@@ -708,11 +713,45 @@ def test_callback_base_comes_from_the_server_not_the_host_header(
     values: dict[str, str], expected: str
 ) -> None:
     gateway = Gateway(dispatcher=None, callback_url=None, results_max=1, results_max_age=1.0)
-    assert gateway.callback_base(environ(**values)) == expected
+    assert gateway.callback_base(wsgi_origin(**values)) == expected
     given = Gateway(
         dispatcher=None, callback_url="http://tasks:9/x/", results_max=1, results_max_age=1.0
     )
-    assert given.callback_base(environ(**values)) == "http://tasks:9/x"
+    assert given.callback_base(wsgi_origin(**values)) == "http://tasks:9/x"
+
+
+def scope(**values: Any) -> dict[str, Any]:
+    base = {"type": "http", "scheme": "http", "server": ("10.1.2.3", 8000), "path": "/apply/x"}
+    return {**base, "headers": [(b"host", b"evil.invalid:666")], **values}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, "http://10.1.2.3:8000"),
+        ({"server": ("0.0.0.0", 81)}, "http://127.0.0.1:81"),
+        ({"server": ("::", 8000)}, "http://[::1]:8000"),
+        ({"root_path": "/tasks/", "path": "/tasks/apply/x"}, "http://10.1.2.3:8000/tasks"),
+        ({"root_path": "/t\u00e9"}, "http://10.1.2.3:8000/t%C3%A9"),  # ASGI: decoded text
+        ({"scheme": "https"}, "https://10.1.2.3:8000"),
+    ],
+)
+def test_callback_base_of_an_asgi_request_comes_from_its_server(
+    values: dict[str, Any], expected: str
+) -> None:
+    gateway = Gateway(dispatcher=None, callback_url=None, results_max=1, results_max_age=1.0)
+    assert gateway.callback_base(asgi_request(scope(**values)).origin) == expected
+
+
+@pytest.mark.parametrize("server", [None, ("/run/tasks.sock", None)])
+def test_callback_base_of_an_asgi_request_without_a_port_needs_callback_url(
+    server: Any,
+) -> None:
+    from dispatchkit.server._refused import Refused
+
+    gateway = Gateway(dispatcher=None, callback_url=None, results_max=1, results_max_age=1.0)
+    with pytest.raises(Refused, match="pass callback_url="):
+        gateway.callback_base(asgi_request(scope(server=server)).origin)
 
 
 @pytest.mark.parametrize("name", ["", "evil.invalid/x?", "a b"])
@@ -721,7 +760,7 @@ def test_callback_base_refuses_a_bad_server_name(name: str) -> None:
 
     gateway = Gateway(dispatcher=None, callback_url=None, results_max=1, results_max_age=1.0)
     with pytest.raises(Refused, match="pass callback_url="):
-        gateway.callback_base(environ(SERVER_NAME=name))
+        gateway.callback_base(wsgi_origin(SERVER_NAME=name))
 
 
 def test_routes() -> None:

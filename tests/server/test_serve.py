@@ -417,6 +417,9 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
+TRICKLE_INTERVAL = 0.2
+
+
 def trickle(
     server: TaskServer, prefix: bytes, trickled: bytes, clients: int, most: int = 50
 ) -> list[bytes]:
@@ -425,6 +428,11 @@ def trickle(
     Each stops when the server closes its connection; every one gives up after
     ``most`` trickled bytes (10 s). Returns what each received, and fails the
     test if a connection was still open at the end.
+
+    The bytes are paced by the clock, not by the loop's turns: an answer or an
+    end-of-file on any connection ends a turn's wait early, and under load those
+    spread out over many turns, so a byte a turn would spend ``most`` bytes in
+    about a second, before the last connections' request_timeout is even up.
     """
     assert len(trickled) >= most
     received = [bytearray() for _ in range(clients)]
@@ -436,11 +444,20 @@ def trickle(
     try:
         for sock in open_.values():
             sock.sendall(prefix)
-        for sent in range(most):
-            for sock in open_.values():
-                with contextlib.suppress(OSError):  # the server may have closed it
-                    sock.send(trickled[sent : sent + 1])
-            readable, _, _ = select.select(list(open_.values()), [], [], 0.2)
+        started = time.monotonic()
+        sent = 0
+        next_byte = started  # when the next trickled byte is due
+        while open_:
+            if time.monotonic() >= next_byte:
+                if sent == most:
+                    break
+                for sock in open_.values():
+                    with contextlib.suppress(OSError):  # the server may have closed it
+                        sock.send(trickled[sent : sent + 1])
+                sent += 1
+                next_byte = time.monotonic() + TRICKLE_INTERVAL
+            wait = max(0.0, next_byte - time.monotonic())
+            readable, _, _ = select.select(list(open_.values()), [], [], wait)
             for index, sock in list(open_.items()):
                 if sock in readable:
                     try:
@@ -451,9 +468,10 @@ def trickle(
                     if not data:
                         sock.close()
                         del open_[index]
-            if not open_:
-                break
-        assert not open_, f"{len(open_)} trickling connections still open after {most} bytes"
+        elapsed = time.monotonic() - started
+        assert not open_, (
+            f"{len(open_)} trickling connections still open after {sent} bytes in {elapsed:.1f} s"
+        )
     finally:
         for sock in open_.values():
             sock.close()

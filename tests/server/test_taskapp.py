@@ -467,7 +467,7 @@ def test_unservable_signatures_are_type_errors() -> None:
 
     def union(x: int | str) -> None: ...
 
-    async def coroutine() -> None: ...
+    async def async_dict(d: dict[str, int]) -> None: ...
 
     with pytest.raises(TypeError, match="'d': unsupported annotation"):
         app.task(takes_dict)
@@ -475,8 +475,8 @@ def test_unservable_signatures_are_type_errors() -> None:
         app.task(positional)
     with pytest.raises(TypeError, match="unsupported annotation"):
         app.task(union)
-    with pytest.raises(TypeError, match="async"):
-        app.task(coroutine)
+    with pytest.raises(TypeError, match="'d': unsupported annotation"):
+        app.task(async_dict)  # an async task's signature is checked alike
     assert not app.tasks
 
 

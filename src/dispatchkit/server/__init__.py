@@ -12,9 +12,10 @@
 
     app.serve(port=8000)  # or run ``app`` under any WSGI server
 
-:class:`TaskApp` is a plain WSGI application; :class:`TaskServer` is a small
-threaded HTTP/1.1 server on the standard library that keeps connections alive.
-See ``docs/server.md``.
+:class:`TaskApp` is a plain WSGI application, and ``app.asgi`` the same app
+for ASGI servers (``asgi = app.asgi``, then ``uvicorn tasks:asgi``); tasks
+may be ``async def``. :class:`TaskServer` is a small threaded HTTP/1.1 server
+on the standard library that keeps connections alive. See ``docs/server.md``.
 """
 
 from __future__ import annotations

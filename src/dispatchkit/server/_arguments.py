@@ -164,14 +164,19 @@ class _Param:
 
 
 class TaskSpec:
-    """A registered task: the function and how to build its keyword arguments."""
+    """A registered task: the function, whether it is async, and how to build its
+    keyword arguments."""
 
-    __slots__ = ("extra", "func", "name", "params")
+    __slots__ = ("extra", "func", "is_async", "name", "params")
 
     def __init__(self, name: str, func: Callable[..., Any]) -> None:
         """Inspect ``func``; raise :class:`TypeError` if it cannot be served."""
-        if inspect.iscoroutinefunction(func):
-            raise TypeError(f"task {name!r}: async functions are not supported")
+        #: an ``async def`` function (or an object whose ``__call__`` is one): awaited
+        self.is_async = inspect.iscoroutinefunction(func) or (
+            callable(func)
+            and not inspect.isroutine(func)
+            and inspect.iscoroutinefunction(type(func).__call__)
+        )
         signature = inspect.signature(func)
         annotated = func if inspect.isroutine(func) else type(func).__call__
         try:

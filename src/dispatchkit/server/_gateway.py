@@ -36,7 +36,7 @@ from dispatchkit.server._store import ResultStore, StoreFull
 from dispatchkit.states import FAILURE, PENDING, SUCCESS
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIEnvironment
+    from dispatchkit.server._http import Origin
 
 __all__ = ["APPLY_PREFIX", "RESULTS_MAX_BYTES", "Gateway", "Route", "route"]
 
@@ -67,7 +67,7 @@ class Route(NamedTuple):
 
 
 def route(path: str) -> Route | None:
-    """The gateway route of a WSGI ``PATH_INFO``, or ``None`` for any other path.
+    """The gateway route of a request's path, or ``None`` for any other path.
 
     ``/apply/<name>`` always applies (so a task named ``apply`` stays at ``/apply``);
     ``/<id>/status`` and ``/<id>/done`` never clash with a task, whose name has no ``/``.
@@ -170,7 +170,7 @@ class Gateway:
     ``dispatcher`` runs the calls (it is not closed here); without one, a
     Dispatcher with default settings is created on the first apply and closed
     by :meth:`close`. ``callback_url`` is the base URL of the app's own task
-    endpoints; without one it is derived from each request's WSGI environ
+    endpoints; without one it is derived from the address each request reached
     (never from its Host header). ``results_max``, ``results_max_age`` and
     ``results_max_bytes`` bound the result store; an apply that does not fit
     in its bytes is refused (503 with ``Retry-After``).
@@ -209,7 +209,7 @@ class Gateway:
         *,
         json: bool,
         task_id: str,
-        environ: WSGIEnvironment,
+        origin: Origin,
     ) -> dict[str, Any]:
         """Submit a call of the app's task ``name``; answer its id at once.
 
@@ -219,7 +219,7 @@ class Gateway:
         size of its arguments, which the call holds; an apply that does not
         fit in ``results_max_bytes`` is refused with 503 and ``Retry-After``.
         """
-        url = f"{self.callback_base(environ)}/{name}"
+        url = f"{self.callback_base(origin)}/{name}"
         answer = {"ok": "true", "task_id": task_id}
         size = _ENTRY_BYTES + len(task_id) + _arguments_size(kwargs)
         try:
@@ -325,31 +325,27 @@ class Gateway:
 
     # -- resources ----------------------------------------------------------------------
 
-    def callback_base(self, environ: WSGIEnvironment) -> str:
+    def callback_base(self, origin: Origin) -> str:
         """The base URL the calls go to: ``callback_url``, else the server this request reached.
 
-        Built from ``wsgi.url_scheme``, ``SERVER_NAME``, ``SERVER_PORT`` and
-        ``SCRIPT_NAME``, never from the Host header, which the client controls.
+        Built from the request's :class:`~dispatchkit.server._http.Origin`: the
+        scheme, the address the server is bound to and the path the app is
+        mounted at (WSGI: ``wsgi.url_scheme``, ``SERVER_NAME``, ``SERVER_PORT``,
+        ``SCRIPT_NAME``; ASGI: ``scheme``, ``server``, ``root_path``), never
+        from the Host header, which the client controls.
         """
         if self.callback_url is not None:
             return self.callback_url
-        scheme = str(environ.get("wsgi.url_scheme") or "http")
-        host = str(environ.get("SERVER_NAME") or "")
+        scheme, host, port, script = origin
         host = _WILDCARDS.get(host, host)
-        port = str(environ.get("SERVER_PORT") or "")
         if scheme not in ("http", "https") or not _HOST.fullmatch(host) or not port.isdigit():
             raise Refused(
                 HTTPStatus.INTERNAL_SERVER_ERROR,
-                "cannot derive the callback URL from the WSGI environ; pass callback_url=",
+                "cannot derive the callback URL from the server's address; pass callback_url=",
             )
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        script = str(environ.get("SCRIPT_NAME") or "").rstrip("/")
-        try:
-            script = quote(script, safe="/", encoding="latin-1")  # PEP 3333: bytes as latin-1
-        except UnicodeEncodeError:
-            script = quote(script, safe="/")
-        return f"{scheme}://{host}:{port}{script}"
+        return f"{scheme}://{host}:{port}{quote(script.rstrip(b'/'), safe='/')}"
 
     def _dispatcher(self) -> Dispatcher:
         with self._lock:

@@ -11,8 +11,8 @@ import heapq
 import math
 import threading
 import time
+from collections.abc import Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 from dispatchkit._checks import count, seconds
 from dispatchkit.server._refused import Refused
@@ -25,22 +25,12 @@ from dispatchkit.signing import (
     signs_body,
 )
 
-if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIEnvironment
-
-
 __all__ = ["REPLAY_MAX", "ReplayCache", "RequestVerifier"]
 
 #: Ids remembered at most. Only requests with a valid signature add one, so only
 #: a key holder can fill it: 100,000 is ~330 signed requests a second, sustained
 #: over the default 300 s window, for some tens of MB at most.
 REPLAY_MAX = 100_000
-# The signature headers as WSGI names them, and the names verification looks them up by.
-_ENVIRON_HEADERS = {
-    "HTTP_WEBHOOK_ID": "webhook-id",
-    "HTTP_WEBHOOK_TIMESTAMP": "webhook-timestamp",
-    "HTTP_WEBHOOK_SIGNATURE": "webhook-signature",
-}
 
 
 class ReplayCache:
@@ -101,7 +91,7 @@ class ReplayCache:
 
 
 class RequestVerifier:
-    """Verifies the Standard Webhooks headers of WSGI requests for a TaskApp."""
+    """Verifies the Standard Webhooks headers of a TaskApp's requests (WSGI or ASGI)."""
 
     def __init__(
         self,
@@ -116,19 +106,25 @@ class RequestVerifier:
     def __repr__(self) -> str:
         return f"<RequestVerifier {self.keys!r} tolerance={self.tolerance:g}s>"
 
-    def verify(self, method: str, environ: WSGIEnvironment, body: bytes | None) -> None:
+    def verify(
+        self,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: Mapping[str, str],
+        body: bytes | None,
+    ) -> None:
         """Accept the request or raise :class:`Refused`; an accepted id is remembered.
 
         ``body`` is the raw body of a POST, PUT or PATCH (the signed payload);
-        other methods sign the raw query string. A signed POST may not carry a
-        query string as well, since nothing would authenticate its arguments.
+        other methods sign ``query``, the raw query string as sent. ``headers``
+        are the request's, looked up without regard to case. A signed POST may
+        not carry a query string as well, since nothing would authenticate its
+        arguments. ``path`` is where the request goes (an id may reach the
+        gateway's follow-up path once more).
         """
-        query = str(environ.get("QUERY_STRING") or "")
         with_body = signs_body(method)
-        payload = (body or b"") if with_body else _environ_bytes(query)
-        headers = {
-            name: str(environ[key]) for key, name in _ENVIRON_HEADERS.items() if key in environ
-        }
+        payload = (body or b"") if with_body else query
         now = time.time()
         try:
             msg_id, timestamp = check(headers, payload, self.keys, self.tolerance, now)
@@ -140,13 +136,4 @@ class RequestVerifier:
                 f"a signed {method} carries its arguments in the body: "
                 "its query string would not be covered by the signature",
             )
-        path = str(environ.get("PATH_INFO") or "")
         self.replay.add(msg_id, timestamp + self.tolerance, path, now)
-
-
-def _environ_bytes(text: str) -> bytes:
-    # PEP 3333: the raw bytes of the request line arrive as latin-1 characters.
-    try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError:  # a server that decoded them as UTF-8
-        return text.encode("utf-8")
