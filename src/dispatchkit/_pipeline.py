@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import tenacity
 
-from dispatchkit._encoding import build_request, new_task_id
+from dispatchkit._encoding import build_request, check_headers, new_task_id
 from dispatchkit._models import Call, Codec, Outcome, PluginInfo, Request, Response
 from dispatchkit._plugins import build_manager
 from dispatchkit._responses import ResponseReader
@@ -111,6 +111,9 @@ class Pipeline:
         if self._prepare is not None:
             try:
                 self._prepare(request=request)
+                # A plugin's header must be sendable too: refused here, before anything is
+                # sent, the same way by both transports (http.client lets NUL through).
+                check_headers(request.headers)
             except DispatchError as exc:
                 exc.bind(request)
                 raise

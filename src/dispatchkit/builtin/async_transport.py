@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from dispatchkit._settings import Settings
 
 CHUNK = 64 * 1024
+SWITCHING_PROTOCOLS = 101
 #: Without a ``deadline`` setting, an attempt may last this many times its ``timeout``.
 DEADLINE_FACTOR = 6
 EXTRA = "pip install 'dispatchkit[async]'"
@@ -92,9 +93,10 @@ class AiohttpTransport:
         )
         session: aiohttp.ClientSession = lib.ClientSession(
             connector=connector,
-            # What the sync transport sends, nothing more (aiohttp adds Accept and
-            # Accept-Encoding otherwise); cookies are never kept between calls.
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+            # What the sync transport sends (http.client asks for identity), nothing more
+            # (aiohttp adds Accept and its own codings otherwise); no cookies are kept.
+            headers={"Accept-Encoding": "identity"},
+            skip_auto_headers=("Accept", "User-Agent"),
             cookie_jar=lib.DummyCookieJar(),
             auto_decompress=True,
         )
@@ -134,6 +136,13 @@ class AiohttpTransport:
                     timeout=timeout,
                 ) as answer:
                     status, answer_headers = answer.status, answer.headers
+                    if status == SWITCHING_PROTOCOLS:
+                        answer.close()  # the connection speaks something else now: dropped
+                        raise TransportError(
+                            "connection broken: 101 Switching Protocols without an Upgrade request",
+                            request=request,
+                            transient=False,
+                        )
                     if status in REDIRECT_STATUSES and hop < self._follow:
                         location = answer_headers.get("Location")
                         if location:
@@ -183,6 +192,15 @@ class AiohttpTransport:
 
     async def _read(self, answer: aiohttp.ClientResponse, request: Request) -> bytes:
         limit = self._limit
+        coding = answer.headers.get("Content-Encoding", "")
+        if "," in coding:
+            # aiohttp decodes one coding and passes a chain through still encoded.
+            raise InvalidResponseError(
+                f"cannot decode the body: Content-Encoding {coding[:100]!r} is a chain of "
+                "codings, which the asyncio transport does not decode",
+                status=answer.status,
+                request=request,
+            )
         length = answer.content_length
         if length is not None and length > limit:
             raise ResponseTooLargeError(
@@ -209,9 +227,13 @@ class AiohttpTransport:
         return b"".join(chunks)
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        session = self._session
+        if session is None:
+            return
+        if self._loop is not asyncio.get_running_loop():
+            raise UsageError("close an AsyncDispatcher in the event loop that used it")
+        self._session = None
+        await session.close()
 
 
 class _EgressResolver:
