@@ -39,6 +39,7 @@ from dispatchkit import (
 )
 from dispatchkit.server import TaskApp, TaskServer
 from dispatchkit.signing import generate_secret
+from support.probes import Attempts
 from support.scripted_server import RawRequest, ScriptedServer, envelope, response, serve
 
 T = TypeVar("T")
@@ -61,28 +62,6 @@ def dispatcher(**settings: Any) -> AsyncDispatcher:
     settings.setdefault("timeout", 5)
     settings.setdefault("retry_backoff", 0.01)
     return AsyncDispatcher(**settings)
-
-
-class Attempts:
-    """Records every attempt: its number, its Idempotency-Key and when it left."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[int, str, float]] = []
-
-    @hookimpl
-    def dispatchkit_prepare_request(self, request: Request) -> None:
-        self.seen.append((request.attempt, request.headers["Idempotency-Key"], time.monotonic()))
-
-    @property
-    def numbers(self) -> list[int]:
-        return [n for n, _, _ in self.seen]
-
-    @property
-    def keys(self) -> set[str]:
-        return {key for _, key, _ in self.seen}
-
-    def gap(self, i: int) -> float:
-        return self.seen[i][2] - self.seen[i - 1][2]
 
 
 # -- a TaskApp of our own --------------------------------------------------------------

@@ -4,16 +4,19 @@ Every test takes ``new_client``, parametrized over the sync
 :class:`~dispatchkit.Dispatcher` and the :class:`~dispatchkit.AsyncDispatcher`
 (``support.drivers``): one table, so the two cannot drift apart. The faults
 are played by the socket-level scripted server on 127.0.0.1, the Node.js
-peer, and a trustme-certified HTTPS server (``tests/test_tls.py``'s); the
-tests assert on the servers' counters, not on timing. Where the two drivers
-must differ (urllib3 warns on ``verify=False``), the test says so.
+peer, and a trustme-certified HTTPS server (``support.tls``); the tests
+assert on the servers' counters, never on how fast anything was. Where the
+two drivers must differ (urllib3 warns on ``verify=False``), the test says
+so. What only the sync driver has (urllib3's pools, its head reader,
+http.client parity) stays in ``tests/test_faults.py`` and
+``tests/test_hostile.py``.
 """
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +40,8 @@ from dispatchkit import (
     hookimpl,
 )
 from support.bombs import BOMBS, MIB, deflate, gzip_data, have
-from support.drivers import DRIVERS, Client, make_client
+from support.drivers import DRIVERS, Client, SyncClient, make_client
+from support.probes import Attempts, free_port
 from support.scripted_server import (
     Connection,
     RawRequest,
@@ -54,7 +58,7 @@ from support.scripted_server import (
     sleep,
     wait,
 )
-from test_tls import Server, https_server, server_context
+from support.tls import Pems, Server, https_server, server_context, write_pems
 
 OK = envelope("ok")
 MakeClient = Callable[..., Client]
@@ -89,24 +93,6 @@ def call(c: Client, base: str, method: str, x: int) -> Any:
 
 def keys(server: ScriptedServer) -> list[str]:
     return [r.headers["idempotency-key"] for r in server.requests]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class Attempts:
-    """Counts attempts (the prepare_request hook runs once per attempt)."""
-
-    def __init__(self) -> None:
-        self.numbers: list[int] = []
-
-    @hookimpl
-    def dispatchkit_prepare_request(self, request: Request) -> None:
-        self.numbers.append(request.attempt)
 
 
 # -- a pooled keep-alive connection closed by the server between calls -------------------
@@ -194,12 +180,19 @@ def test_reset_on_every_attempt_exhausts_the_policy(new_client: MakeClient) -> N
 
 
 def test_timeout_is_per_socket_operation_not_per_call(new_client: MakeClient) -> None:
-    """Each byte within ``timeout`` (0.5 s): the answer, trickled over ~1.8 s, is read whole."""
+    """``timeout`` bounds each read, not the whole answer.
+
+    Each byte arrives well within ``timeout`` (0.5 s), so the answer, trickled
+    over about 1.8 s, is read to the end: it is within the attempt's total
+    ``deadline`` (by default six times ``timeout``, 3 s here).
+    """
     answer = response(200, envelope(1))
     script = [read(), send(answer[:-10]), lambda c: c.trickle(answer[-10:], 0.2), sleep(5)]
     with ScriptedServer(script) as server:
         c = new_client(timeout=0.5, retry_attempts=1)
+        started = time.monotonic()
         assert c.call(f"{server.url}/t") == 1
+        assert time.monotonic() - started >= 1.7
 
 
 @pytest.mark.parametrize(
@@ -216,25 +209,28 @@ def test_trickled_answer_is_bounded_by_the_total_deadline(
     """One byte every 0.05 s (never idle near ``timeout``), for longer than the server lets
     the connection live (8 s).
 
-    The call ends with a DispatchTimeout naming the deadline, and it ends while
-    the server is still trickling: the client cut the answer off, not the server.
+    The call ends with a DispatchTimeout naming the deadline, and it is the client
+    that cuts the answer off: the server's next byte finds the connection closed
+    (were it the server's own 8 s limit, its trickle would end without an error).
     """
     answer = response(200, envelope("x" * 400))
     split = answer.index(b"\r\n") + 7 if part == "head" else answer.index(b"\r\n\r\n") + 10
-    finished = threading.Event()
+    cut_by_client = threading.Event()
 
     def script(conn: Connection) -> None:
         if conn.read_request() is None:
             return
         conn.send(answer[:split])
-        conn.trickle(answer[split:], 0.05)
-        finished.set()
+        try:
+            conn.trickle(answer[split:], 0.05)
+        except OSError:  # the client closed its end: a broken pipe or a reset
+            cut_by_client.set()
 
     with ScriptedServer(script, connection_deadline=8) as server:
         c = new_client(retry_attempts=1, **settings)
         with pytest.raises(DispatchTimeout, match="deadline"):
             c.call(f"{server.url}/t")
-        assert not finished.is_set()
+        assert server.wait_until(lambda s: cut_by_client.is_set(), timeout=10)
 
 
 # -- truncated answers: never a hang, never a partial envelope ----------------------------
@@ -318,6 +314,9 @@ def test_garbage_instead_of_a_status_line(new_client: MakeClient) -> None:
         with pytest.raises(TransportError) as info:
             c.call(f"{server.url}/t")
         assert type(info.value) is TransportError
+        # each names what it could not parse: http.client's and aiohttp's own words
+        named = "BadStatusLine" if c.name == "sync" else "Bad status line"
+        assert named in str(info.value), info.value
 
 
 # -- interim (1xx) answers --------------------------------------------------------------
@@ -370,6 +369,7 @@ def test_endless_interim_answers_are_refused(new_client: MakeClient) -> None:
             assert "deadline" in str(info.value)
         else:
             assert not isinstance(info.value, DispatchTimeout), info.value
+            assert "interim" in str(info.value)
 
 
 def test_an_unasked_switch_of_protocols_is_an_error(new_client: MakeClient) -> None:
@@ -470,6 +470,7 @@ BAD_HEADERS: dict[str, tuple[dict[str, Any], str]] = {
     "CRLF in a name": ({"X-Bad\r\nX-Injected": "1"}, "X-Bad"),
     "space in a name": ({"Bad Name": "v"}, "Bad Name"),
     "colon in a name": ({"Bad:Name": "v"}, "Bad:Name"),
+    "empty name": ({"": "v"}, "''"),
     "not a str": ({"X-Count": 3}, "X-Count"),
 }
 
@@ -484,6 +485,9 @@ def test_unsendable_headers_are_a_usage_error_before_anything_is_sent(
         with pytest.raises(UsageError, match="header") as info:
             c.apply(f"{server.url}/t", "GET", headers=headers)
         assert named in str(info.value)
+        if isinstance(c, SyncClient):  # apply_async (the Celery-style API) is the sync one's
+            with pytest.raises(UsageError, match="header"):
+                c.dispatcher.apply_async(f"{server.url}/t", "PUT", headers=headers)
         assert server.connections_accepted == 0
 
 
@@ -567,7 +571,10 @@ def test_redirect_to_another_scheme_is_refused(new_client: MakeClient, peer: str
 # -- the egress policy ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]"])
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "localhost", "[::1]", "169.254.169.254", "10.0.0.1", "[::ffff:127.0.0.1]"],
+)
 def test_public_only_refuses_before_sending(new_client: MakeClient, peer: str, host: str) -> None:
     port = peer.rpartition(":")[2]
     attempts = Attempts()
@@ -600,7 +607,7 @@ def test_every_hop_passes_the_egress_policy(new_client: MakeClient, peer: str) -
         c.call(f"{peer}/redirect", to=f"http://127.0.0.2:{port}/multiply?x=1&y=1")
 
 
-# -- TLS (a trustme CA; the HTTPS server of tests/test_tls.py) --------------------------------
+# -- TLS (a trustme CA; the HTTPS server of support.tls) ---------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -609,17 +616,8 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture
-def ca_pem(ca: trustme.CA, tmp_path: Path) -> str:
-    path = str(tmp_path / "ca.pem")
-    ca.cert_pem.write_to_path(path)
-    return path
-
-
-@pytest.fixture
-def client_pem(ca: trustme.CA, tmp_path: Path) -> str:
-    path = str(tmp_path / "client.pem")
-    ca.issue_cert("client.example.org").private_key_and_cert_chain_pem.write_to_path(path)
-    return path
+def pems(ca: trustme.CA, tmp_path: Path) -> Pems:
+    return write_pems(ca, tmp_path)
 
 
 @pytest.fixture
@@ -629,15 +627,16 @@ def tls_server(ca: trustme.CA) -> Iterator[Server]:
 
 
 def test_tls_verified_against_ca_certs(
-    new_client: MakeClient, tls_server: Server, ca_pem: str
+    new_client: MakeClient, tls_server: Server, pems: Pems
 ) -> None:
-    c = new_client(ca_certs=ca_pem)
+    c = new_client(ca_certs=pems.ca)
     got = c.call(f"{tls_server.url}/add", x=1, y=2)
     assert got == {"method": "GET", "path": "/add", "args": {"x": "1", "y": "2"}}
     posted = c.call(f"{tls_server.url}/add", "POST", x=3)
     assert posted == {"method": "POST", "path": "/add", "args": {"x": "3"}}
     for i in range(8):  # kept alive: one connection, one handshake
         assert c.call(f"{tls_server.url}/n", i=i)["args"] == {"i": str(i)}
+    assert tls_server.stat("requests") == 10
     assert tls_server.stat("connections") == 1
     assert tls_server.stat("handshakes") == 1
 
@@ -650,17 +649,19 @@ def test_tls_unknown_ca_fails_and_is_not_retried(
         c.call(f"{tls_server.url}/add", x=1)
     assert not isinstance(info.value, (ConnectError, DispatchTimeout))
     assert info.value.transient is False
+    assert isinstance(info.value.__cause__, Exception)
+    # A certificate that does not verify will not on a second try: one connection only.
     assert tls_server.stat("connections") == 1
     assert tls_server.stat("requests") == 0
 
 
 def test_tls_hostname_mismatch_is_refused(
-    new_client: MakeClient, ca: trustme.CA, ca_pem: str
+    new_client: MakeClient, ca: trustme.CA, pems: Pems
 ) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("elsewhere.example.org").configure_cert(context)
     with https_server(context) as other:
-        c = new_client(ca_certs=ca_pem)
+        c = new_client(ca_certs=pems.ca)
         with pytest.raises(TransportError, match="TLS") as info:
             c.call(f"{other.url}/add")
         assert info.value.transient is False
@@ -679,17 +680,30 @@ def test_tls_verify_false_accepts_any_certificate(
         assert c.call(f"{tls_server.url}/add", x=5)["args"] == {"x": "5"}
 
 
-def test_tls_client_certificate(
-    new_client: MakeClient, ca: trustme.CA, ca_pem: str, client_pem: str
-) -> None:
+def test_tls_client_certificate(new_client: MakeClient, ca: trustme.CA, pems: Pems) -> None:
+    """Required by the server: refused without one; with one, in one PEM or in two files."""
     with https_server(server_context(ca, require_client_cert=True)) as mtls:
-        without = new_client(ca_certs=ca_pem, retry_attempts=1)
+        without = new_client(ca_certs=pems.ca, retry_attempts=1)
         with pytest.raises(TransportError) as info:
             without.call(f"{mtls.url}/add", x=1)
         assert not isinstance(info.value, DispatchTimeout)
         assert mtls.stat("requests") == 0
-        with_cert = new_client(ca_certs=ca_pem, client_cert=client_pem)
+        refused = mtls.stat("connections")
+        one_pem = new_client(ca_certs=pems.ca, client_cert=pems.client)
         for i in range(3):
-            assert with_cert.call(f"{mtls.url}/add", x=i)["args"] == {"x": str(i)}
+            assert one_pem.call(f"{mtls.url}/add", x=i)["args"] == {"x": str(i)}
+        assert mtls.stat("connections") == refused + 1  # the three calls shared one
+        two_files = new_client(
+            ca_certs=pems.ca, client_cert=pems.client_cert, client_key=pems.client_key
+        )
+        assert two_files.call(f"{mtls.url}/add", x=1)["args"] == {"x": "1"}
         without.close()
-        with_cert.close()
+        one_pem.close()
+        two_files.close()
+
+
+def test_tls_client_key_without_client_cert_is_a_usage_error(
+    new_client: MakeClient, pems: Pems
+) -> None:
+    with pytest.raises(UsageError, match="client_key"):
+        new_client(client_key=pems.client_key)

@@ -23,8 +23,8 @@ from typing import Any
 
 from dispatchkit import AsyncDispatcher, DispatchError, DispatchTimeout
 from dispatchkit.builtin.async_transport import AiohttpTransport
+from support.saboteur import FATES, TYPED, Saboteur
 from support.scripted_server import ScriptedServer
-from test_stress import FATES, TYPED, Saboteur
 
 TASKS = 16
 CALLS = 30

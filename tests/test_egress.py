@@ -1,7 +1,9 @@
-"""The egress policy and redirect following, on loopback only.
+"""The egress policy: its table of addresses, its settings, and a rebinding resolver.
 
 Refused destinations are refused before any connection is attempted, so the
-addresses below (cloud metadata, private ranges) are never contacted.
+addresses below (cloud metadata, private ranges) are never contacted. The calls
+refused or allowed by the policy, and redirect following, run against both
+drivers in ``tests/test_async_faults.py``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import peer_stats
-from dispatchkit import (
-    DispatchError,
-    EgressDenied,
-    HTTPStatusError,
-    Request,
-    UsageError,
-    hookimpl,
-)
+from dispatchkit import EgressDenied, UsageError
 from dispatchkit._egress import REFUSED_V4, REFUSED_V6, Block, EgressPolicy, is_public
 from dispatchkit.server import TaskApp, TaskServer
 
@@ -280,43 +274,6 @@ def test_allow_list_overrides_the_table() -> None:
     assert not policy.permits(ipaddress.ip_address("::7f00:1"))
 
 
-class Attempts:
-    def __init__(self) -> None:
-        self.count = 0
-
-    @hookimpl
-    def dispatchkit_prepare_request(self, request: Request) -> None:
-        self.count += 1
-
-
-@pytest.mark.parametrize(
-    "host",
-    ["127.0.0.1", "localhost", "[::1]", "169.254.169.254", "10.0.0.1", "[::ffff:127.0.0.1]"],
-)
-def test_public_only_refuses_before_sending(make_dispatcher: Any, peer: str, host: str) -> None:
-    port = peer.rpartition(":")[2]
-    attempts = Attempts()
-    d = make_dispatcher(egress="public", plugins=[attempts])
-    with make_dispatcher() as plain:
-        plain.call(f"{peer}/stats/reset")
-        with pytest.raises(EgressDenied, match="egress policy refuses") as info:
-            d.call(f"http://{host}:{port}/multiply", "POST", x=1, y=2)
-        assert peer_stats(plain, peer)["requests"] == 1  # only the stats call: nothing was sent
-    assert isinstance(info.value, DispatchError)
-    assert info.value.method == "POST"
-    assert attempts.count == 1  # not retried
-
-
-def test_allow_list_by_cidr_and_by_name(make_dispatcher: Any, peer: str) -> None:
-    port = peer.rpartition(":")[2]
-    by_cidr = make_dispatcher(egress="public", egress_allow=["127.0.0.0/8"])
-    assert by_cidr.call(f"{peer}/multiply", x=2, y=3) == 6
-    by_name = make_dispatcher(egress="public", egress_allow=["localhost"])
-    assert by_name.call(f"http://localhost:{port}/multiply", x=2, y=4) == 8
-    with pytest.raises(EgressDenied):
-        by_name.call(f"{peer}/multiply", x=1, y=1)  # 127.0.0.1 by address is not "localhost"
-
-
 def test_bad_egress_settings(make_dispatcher: Any) -> None:
     with pytest.raises(UsageError, match="egress"):
         make_dispatcher(egress="private")
@@ -359,60 +316,3 @@ def test_the_address_connected_to_is_checked_not_an_earlier_answer(
     second = make_dispatcher(egress="public", egress_allow=["127.0.0.2/32"])
     with pytest.raises(EgressDenied, match=r"127\.0\.0\.1"):
         second.call(url, x=3, y=3)  # the new answer is checked where it is connected to
-
-
-# -- redirects -------------------------------------------------------------------------
-
-
-def test_redirects_are_followed_when_asked(make_dispatcher: Any, peer: str) -> None:
-    d = make_dispatcher(follow_redirects=2)
-    assert d.call(f"{peer}/redirect", to="/multiply?x=6&y=7") == 42
-
-
-def test_too_many_redirects_give_the_last_3xx(make_dispatcher: Any, peer: str) -> None:
-    d = make_dispatcher(follow_redirects=2)
-    loop = "/redirect?to=/redirect%3Fto%3D/redirect%253Fto%253D/multiply"
-    with pytest.raises(HTTPStatusError) as info:
-        d.call(f"{peer}{loop}")
-    assert info.value.status == 302
-
-
-@pytest.mark.parametrize(("code", "method"), [(303, "GET"), (302, "GET"), (307, "POST")])
-def test_redirect_methods(make_dispatcher: Any, peer: str, code: int, method: str) -> None:
-    d = make_dispatcher(follow_redirects=1)
-    echo = d.call(f"{peer}/status/{code}", "POST", location="/echo", x="1")
-    assert echo["method"] == method
-    assert echo["body"] == ("location=%2Fecho&x=1" if method == "POST" else "")
-
-
-def test_credentials_do_not_follow_a_redirect_to_another_origin(
-    make_dispatcher: Any, peer: str
-) -> None:
-    port = peer.rpartition(":")[2]
-    d = make_dispatcher(follow_redirects=1)
-    same = d.apply(
-        f"{peer}/redirect", kwargs={"to": "/echo"}, headers={"Authorization": "Bearer t"}
-    )
-    assert same["headers"]["authorization"] == "Bearer t"
-    other = d.apply(
-        f"{peer}/redirect",
-        kwargs={"to": f"http://localhost:{port}/echo"},
-        headers={"Authorization": "Bearer t", "Cookie": "c=1", "X-Keep": "yes"},
-    )
-    assert "authorization" not in other["headers"]
-    assert "cookie" not in other["headers"]
-    assert other["headers"]["x-keep"] == "yes"
-
-
-def test_every_hop_passes_the_egress_policy(make_dispatcher: Any, peer: str) -> None:
-    port = peer.rpartition(":")[2]
-    d = make_dispatcher(follow_redirects=3, egress="public", egress_allow=["127.0.0.1/32"])
-    assert d.call(f"{peer}/redirect", to="/multiply?x=2&y=2") == 4
-    with pytest.raises(EgressDenied, match=r"127\.0\.0\.2"):
-        d.call(f"{peer}/redirect", to=f"http://127.0.0.2:{port}/multiply?x=1&y=1")
-
-
-def test_redirect_to_another_scheme_is_refused(make_dispatcher: Any, peer: str) -> None:
-    d = make_dispatcher(follow_redirects=1)
-    with pytest.raises(UsageError, match="unsupported scheme"):
-        d.call(f"{peer}/redirect", to="file:///etc/passwd")

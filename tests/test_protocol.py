@@ -24,6 +24,7 @@ from dispatchkit import (
     UsageError,
     __version__,
 )
+from support.probes import free_port
 
 # -- requests -----------------------------------------------------------------
 
@@ -261,19 +262,10 @@ def test_unknown_content_type_has_no_codec(dispatcher: Dispatcher, peer: str) ->
 # -- transport ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def test_refused_port_is_a_connect_error(make_dispatcher: Any) -> None:
     d = make_dispatcher()
     with pytest.raises(ConnectError) as info:
-        d.call(f"http://127.0.0.1:{_free_port()}/multiply", x=1, y=2)
+        d.call(f"http://127.0.0.1:{free_port()}/multiply", x=1, y=2)
     assert isinstance(info.value, ConnectionError)
     assert not isinstance(info.value, (DispatchTimeout, TimeoutError))
     assert "refused" in str(info.value).lower()

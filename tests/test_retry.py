@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from email.utils import formatdate
 from typing import Any
 
 import pytest
 
-from dispatchkit import (
-    ConnectError,
-    Dispatcher,
-    HTTPStatusError,
-    RemoteExecuteError,
-    Request,
-    hookimpl,
-)
+from dispatchkit import Dispatcher, HTTPStatusError, RemoteExecuteError
 from dispatchkit.builtin.retry import is_retryable, parse_retry_after
-
-
-class Attempts:
-    """Records every attempt: its number, its Idempotency-Key and when it left."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[int, str, float]] = []
-
-    @hookimpl
-    def dispatchkit_prepare_request(self, request: Request) -> None:
-        self.seen.append((request.attempt, request.headers["Idempotency-Key"], time.monotonic()))
-
-    @property
-    def numbers(self) -> list[int]:
-        return [n for n, _, _ in self.seen]
-
-    def gap(self, i: int) -> float:
-        return self.seen[i][2] - self.seen[i - 1][2]
+from support.probes import Attempts
 
 
 @pytest.fixture
@@ -103,18 +78,6 @@ def test_one_attempt_turns_retrying_off(
     with pytest.raises(HTTPStatusError):
         d.call(f"{peer}/flaky", fail=1)
     assert attempts.numbers == [1]
-
-
-def test_connect_errors_are_retried_for_every_method(
-    make_dispatcher: Any, attempts: Attempts
-) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    d = make_dispatcher(plugins=[attempts], retry_attempts=3)
-    with pytest.raises(ConnectError):
-        d.call(f"http://127.0.0.1:{port}/task", "POST", x=1)
-    assert attempts.numbers == [1, 2, 3]
 
 
 def test_retry_after_seconds_is_honoured(

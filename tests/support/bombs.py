@@ -1,7 +1,7 @@
 """Compression bombs: a few KiB on the wire that inflate to far more.
 
-The same bombs as ``tests/test_hostile.py`` builds for the sync transport,
-here so that the async fault table can share them.
+Built here once for the fault table both drivers run
+(``tests/test_async_faults.py``): every single coding, and chains of them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""HTTPS over real TLS: a trustme CA, a threaded HTTPS server on 127.0.0.1, no mocks.
+"""A real HTTPS server for the TLS tests: a trustme CA, threaded, on 127.0.0.1, no mocks.
 
 The server counts TCP connections, completed handshakes and requests, so pooling
 and "not retried" are asserted on counters. Every socket is closed and every wait
 is bounded (the suite runs with ``filterwarnings = error``, so a leaked socket's
-ResourceWarning would fail the test).
+ResourceWarning would fail the test). Used by the TLS cases of
+``tests/test_async_faults.py``, which run against both drivers.
 """
 
 from __future__ import annotations
@@ -13,26 +14,16 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import pytest
 import trustme
-from urllib3.exceptions import InsecureRequestWarning
 
-from dispatchkit import (
-    ConnectError,
-    Dispatcher,
-    DispatchTimeout,
-    TransportError,
-    UsageError,
-)
-
-MakeDispatcher = Callable[..., Dispatcher]
+__all__ = ["IDLE_TIMEOUT", "Pems", "Server", "https_server", "server_context", "write_pems"]
 
 #: Seconds a server-side connection may sit idle, and the server thread may take to stop.
 IDLE_TIMEOUT = 5.0
@@ -148,39 +139,8 @@ def https_server(context: ssl.SSLContext) -> Iterator[Server]:
         assert not thread.is_alive(), "the HTTPS test server did not stop"
 
 
-# -- certificates ------------------------------------------------------------------
-
-
-@dataclass
-class Pems:
-    ca: str
-    client: str  # key and certificate chain in one file
-    client_cert: str
-    client_key: str
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def pems(ca: trustme.CA, tmp_path: Path) -> Pems:
-    client = ca.issue_cert("client.example.org")
-    files = Pems(
-        ca=str(tmp_path / "ca.pem"),
-        client=str(tmp_path / "client.pem"),
-        client_cert=str(tmp_path / "client-cert.pem"),
-        client_key=str(tmp_path / "client-key.pem"),
-    )
-    ca.cert_pem.write_to_path(files.ca)
-    client.private_key_and_cert_chain_pem.write_to_path(files.client)
-    client.cert_chain_pems[0].write_to_path(files.client_cert)
-    client.private_key_pem.write_to_path(files.client_key)
-    return files
-
-
 def server_context(ca: trustme.CA, *, require_client_cert: bool = False) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1 (and asking for a client's)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
     if require_client_cert:
@@ -189,104 +149,26 @@ def server_context(ca: trustme.CA, *, require_client_cert: bool = False) -> ssl.
     return context
 
 
-@pytest.fixture
-def server(ca: trustme.CA) -> Iterator[Server]:
-    with https_server(server_context(ca)) as running:
-        yield running
+@dataclass
+class Pems:
+    """PEM files a client is given: the CA, and a client certificate in one file or two."""
+
+    ca: str
+    client: str  # key and certificate chain in one file
+    client_cert: str
+    client_key: str
 
 
-@pytest.fixture
-def mtls_server(ca: trustme.CA) -> Iterator[Server]:
-    with https_server(server_context(ca, require_client_cert=True)) as running:
-        yield running
-
-
-# -- tests ----------------------------------------------------------------------------
-
-
-def test_ca_certs_verifies_the_server(
-    server: Server, pems: Pems, make_dispatcher: MakeDispatcher
-) -> None:
-    d = make_dispatcher(ca_certs=pems.ca)
-    got = d.call(f"{server.url}/add", x=1, y=2)
-    assert got == {"method": "GET", "path": "/add", "args": {"x": "1", "y": "2"}}
-    posted = d.call(f"{server.url}/add", method="POST", x=3)
-    assert posted == {"method": "POST", "path": "/add", "args": {"x": "3"}}
-
-
-def test_system_store_rejects_an_unknown_ca(
-    server: Server, make_dispatcher: MakeDispatcher
-) -> None:
-    d = make_dispatcher()
-    with pytest.raises(TransportError, match="TLS") as excinfo:
-        d.call(f"{server.url}/add", x=1)
-    error = excinfo.value
-    assert not isinstance(error, (ConnectError, DispatchTimeout))
-    assert error.transient is False
-    assert isinstance(error.__cause__, Exception)
-    # A certificate that does not verify will not on a second try: one connection only.
-    assert server.stat("connections") == 1
-    assert server.stat("requests") == 0
-
-
-def test_hostname_mismatch_is_refused(
-    ca: trustme.CA, pems: Pems, make_dispatcher: MakeDispatcher
-) -> None:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("elsewhere.example.org").configure_cert(context)
-    with https_server(context) as other:
-        d = make_dispatcher(ca_certs=pems.ca)
-        with pytest.raises(TransportError, match="TLS") as excinfo:
-            d.call(f"{other.url}/add")
-        assert excinfo.value.transient is False
-        assert other.stat("requests") == 0
-        d.close()
-
-
-def test_verify_false_accepts_any_certificate(
-    server: Server, make_dispatcher: MakeDispatcher
-) -> None:
-    d = make_dispatcher(verify=False)
-    # urllib3 warns about every unverified connection, as requests does.
-    with pytest.warns(InsecureRequestWarning):
-        assert d.call(f"{server.url}/add", x=5)["args"] == {"x": "5"}
-
-
-def test_keep_alive_over_tls(server: Server, pems: Pems, make_dispatcher: MakeDispatcher) -> None:
-    d = make_dispatcher(ca_certs=pems.ca)
-    for i in range(10):
-        assert d.call(f"{server.url}/n", i=i)["args"] == {"i": str(i)}
-    assert server.stat("requests") == 10
-    assert server.stat("connections") == 1
-    assert server.stat("handshakes") == 1
-
-
-def test_client_certificate_required_and_missing(
-    mtls_server: Server, pems: Pems, make_dispatcher: MakeDispatcher
-) -> None:
-    d = make_dispatcher(ca_certs=pems.ca)
-    with pytest.raises(TransportError) as excinfo:
-        d.call(f"{mtls_server.url}/add", x=1)
-    assert not isinstance(excinfo.value, DispatchTimeout)
-    assert mtls_server.stat("requests") == 0
-
-
-def test_client_certificate_in_one_pem(
-    mtls_server: Server, pems: Pems, make_dispatcher: MakeDispatcher
-) -> None:
-    d = make_dispatcher(ca_certs=pems.ca, client_cert=pems.client)
-    for i in range(3):
-        assert d.call(f"{mtls_server.url}/add", x=i)["args"] == {"x": str(i)}
-    assert mtls_server.stat("connections") == 1
-
-
-def test_client_certificate_and_key_in_two_files(
-    mtls_server: Server, pems: Pems, make_dispatcher: MakeDispatcher
-) -> None:
-    d = make_dispatcher(ca_certs=pems.ca, client_cert=pems.client_cert, client_key=pems.client_key)
-    assert d.call(f"{mtls_server.url}/add", x=1)["args"] == {"x": "1"}
-
-
-def test_client_key_without_client_cert_is_a_usage_error(pems: Pems) -> None:
-    with pytest.raises(UsageError, match="client_key"):
-        Dispatcher(client_key=pems.client_key)
+def write_pems(ca: trustme.CA, directory: Path) -> Pems:
+    client = ca.issue_cert("client.example.org")
+    files = Pems(
+        ca=str(directory / "ca.pem"),
+        client=str(directory / "client.pem"),
+        client_cert=str(directory / "client-cert.pem"),
+        client_key=str(directory / "client-key.pem"),
+    )
+    ca.cert_pem.write_to_path(files.ca)
+    client.private_key_and_cert_chain_pem.write_to_path(files.client)
+    client.cert_chain_pems[0].write_to_path(files.client_cert)
+    client.private_key_pem.write_to_path(files.client_key)
+    return files
