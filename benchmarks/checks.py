@@ -9,6 +9,13 @@ from typing import Any
 THREADS = 16
 RTT_MS = "10"
 MIB = 5.0
+#: The asyncio targets: calls in flight judged, and the limits.
+ASYNC_LEVELS = (4, 16, 64, 256, 1024)
+ASYNC_CALLS = 0.90  # AsyncDispatcher.map's calls/s >= this x hand-written aiohttp's
+ASYNC_CPU = 1.15  # its CPU time per call <= this x aiohttp's
+OVER_SYNC = 2.5  # its calls/s >= this x Dispatcher.map's, fast endpoint ...
+OVER_SYNC_FROM = 64  # ... from this many calls in flight on
+ASYNC_RSS = 1.2  # RSS growth with 1,000 calls in flight <= this x aiohttp's
 
 
 @dataclass(frozen=True)
@@ -97,4 +104,73 @@ def evaluate(results: dict[str, Any]) -> list[Check]:
                   f"{MIB:g} MiB of {mem.get('few', '?')}", mem.get("growth_mib"), "<=", MIB,
                   unit=" MiB")
         )  # fmt: skip
+    return checks + async_checks(results)
+
+
+def _rows(loop: dict[str, Any] | None, section: str, level: int) -> dict[str, Any]:
+    """The rows of one level of a concurrency section ("concurrency" or "delayed"), HTTP."""
+    by_level = ((loop or {}).get(section) or {}).get("http") or {}
+    found: dict[str, Any] = by_level.get(str(level)) or {}
+    return found
+
+
+def _value(rows: dict[str, Any], key: str, field: str = "median") -> float | None:
+    value = (rows.get(key) or {}).get(field)
+    return float(value) if value else None
+
+
+def _ours_over(rows: dict[str, Any], base: str, field: str = "median") -> float | None:
+    """AsyncDispatcher's figure over ``base``'s; 0 when only the AsyncDispatcher failed."""
+    theirs = _value(rows, base, field)
+    if theirs is None:
+        return None
+    ours = _value(rows, "dk_async", field)
+    if ours is None:
+        return 0.0 if field == "median" and "dk_async" in rows else None
+    return ours / theirs
+
+
+def async_checks(results: dict[str, Any]) -> list[Check]:
+    """The AsyncDispatcher's targets: against hand-written aiohttp, and the sync map.
+
+    One row per level measured (of :data:`ASYNC_LEVELS`) at each endpoint; a
+    single SKIP row for a target where no level was.
+    """
+    loop = results.get("loopback")
+    delay = (loop or {}).get("delay_ms", 50)
+    checks: list[Check] = []
+    for section, where in (("concurrency", "fast"), ("delayed", f"{delay} ms")):
+        found: list[int | None] = [
+            n for n in ASYNC_LEVELS if {"aiohttp", "dk_async"} & set(_rows(loop, section, n))
+        ]
+        for level in found or [None]:
+            at = "every level" if level is None else f"{level:,} in flight"
+            rows = _rows(loop, section, level) if level is not None else {}
+            checks += [
+                Check(f"{where}, {at}: AsyncDispatcher.map >= {ASYNC_CALLS:.2f} x aiohttp's "
+                      "calls/s", _ours_over(rows, "aiohttp"), ">=", ASYNC_CALLS),
+                Check(f"{where}, {at}: AsyncDispatcher.map CPU/call <= {ASYNC_CPU:.2f} x "
+                      "aiohttp's", _ours_over(rows, "aiohttp", "cpu_median"), "<=", ASYNC_CPU),
+            ]  # fmt: skip
+    found = [
+        n
+        for n in ASYNC_LEVELS
+        if n >= OVER_SYNC_FROM and {"dk_map", "dk_async"} <= set(_rows(loop, "concurrency", n))
+    ]
+    for level in found or [None]:
+        at = f"{OVER_SYNC_FROM}+ in flight" if level is None else f"{level:,} in flight"
+        rows = _rows(loop, "concurrency", level) if level is not None else {}
+        checks.append(
+            Check(f"fast, {at}: AsyncDispatcher.map >= {OVER_SYNC:g} x Dispatcher.map's calls/s",
+                  _ours_over(rows, "dk_map"), ">=", OVER_SYNC)
+        )  # fmt: skip
+    memory = results.get("memory_in_flight") or {}
+    growth = memory.get("growth_mib") or {}
+    base, ours = growth.get("aiohttp"), growth.get("dk_async")
+    in_flight = memory.get("in_flight", 1000)
+    checks.append(
+        Check(f"memory, {in_flight:,} in flight ({memory.get('delay_ms', delay)} ms): "
+              f"AsyncDispatcher's RSS growth <= {ASYNC_RSS:g} x aiohttp's",
+              ours / base if ours is not None and base else None, "<=", ASYNC_RSS)
+    )  # fmt: skip
     return checks

@@ -4,11 +4,14 @@ Every client returns the envelope's ``retval`` (100), decoded with
 ``orjson.loads`` so that only the HTTP stacks differ, and is made with a 10 s
 timeout and, for HTTPS, the benchmark's CA. Peers that are not installed are
 left out (``missing()`` names them). Sequential clients are ``call()``
-closures; concurrent ones run a batch of ``n`` calls on ``threads`` threads.
+closures; concurrent ones run a batch of ``n`` calls with ``threads`` calls in
+flight: on that many threads, or for the asyncio clients on one event loop of
+their own (``Batch.run`` drives it, bounded by :func:`sample_limit`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import itertools
 import selectors
@@ -16,7 +19,7 @@ import socket
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -30,14 +33,25 @@ TASK = "/multiply"
 KWARGS: dict[str, Any] = {"x": 10, "y": 10}
 QUERY = "x=10&y=10"
 RETVAL = 100
+#: The delayed endpoint's delay, and its path on the target (benchmarks/target.py).
+DELAY_MS = 50
+
+
+def delayed(ms: int = DELAY_MS) -> str:
+    """The task's path on the target when it answers ``ms`` milliseconds late."""
+    return f"/delay/{ms}{TASK}"
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the target answers: ``base`` is ``scheme://host:port``; ``ca`` verifies HTTPS."""
+    """Where the target answers: ``base`` is ``scheme://host:port``; ``ca`` verifies HTTPS.
+
+    ``path`` is the task's path: :data:`TASK` answers at once, :func:`delayed` late.
+    """
 
     base: str
     ca: str | None = None
+    path: str = TASK
 
     @property
     def scheme(self) -> str:
@@ -58,12 +72,12 @@ class Endpoint:
     @property
     def task(self) -> str:
         """The task's URL without arguments (what dispatchkit is given, with ``KWARGS``)."""
-        return self.base + TASK
+        return self.base + self.path
 
     @property
     def url(self) -> str:
         """The task's URL with its arguments: the same bytes dispatchkit sends."""
-        return f"{self.base}{TASK}?{QUERY}"
+        return f"{self.base}{self.path}?{QUERY}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.scheme != "https":
@@ -75,7 +89,7 @@ class RawSocket:
     """The floor: hand-written HTTP/1.1 over one keep-alive socket, Content-Length framing."""
 
     def __init__(self, endpoint: Endpoint, target: str | None = None) -> None:
-        target = target or f"{TASK}?{QUERY}"
+        target = target or f"{endpoint.path}?{QUERY}"
         self.request = f"GET {target} HTTP/1.1\r\nHost: {endpoint.netloc}\r\n\r\n".encode()
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -127,7 +141,7 @@ def load(endpoint: Endpoint, connections: int, seconds: float) -> float:
     request, unlike the clients under test), so this is what the server can
     answer at that concurrency, not what a Python HTTP stack can ask.
     """
-    request = f"GET {TASK}?{QUERY} HTTP/1.1\r\nHost: {endpoint.netloc}\r\n\r\n".encode()
+    request = f"GET {endpoint.path}?{QUERY} HTTP/1.1\r\nHost: {endpoint.netloc}\r\n\r\n".encode()
     socks = [RawSocket(endpoint) for _ in range(connections)]
     answered = 0
     with selectors.DefaultSelector() as selector:
@@ -179,6 +193,7 @@ class Spec:
     requires: str  # the module it needs
     make: Callable[..., Any]  # (Endpoint) -> Client, or (Endpoint, threads) -> Batch
     short: str = ""  # a column title
+    max_level: int | None = None  # concurrent: the most calls in flight it is run with
 
 
 def entry_point_plugins() -> list[str]:
@@ -373,16 +388,196 @@ def _requests_threads(ep: Endpoint, threads: int) -> Batch:
     )
 
 
+# -- asyncio clients: N calls in flight on one event loop --------------------------------
+
+#: The session the AsyncDispatcher's aiohttp transport makes
+#: (src/dispatchkit/builtin/async_transport.py), which the hand-written client copies: the
+#: headers aiohttp would add that it leaves out, the ones it sends on every request, and
+#: its timeouts (no ``connect`` timeout: it arms a timer on every request).
+SKIP_AUTO_HEADERS = ("Accept", "User-Agent")
+SESSION_HEADERS = {"Accept-Encoding": "identity"}
+#: Every asyncio client is closed within this many seconds, whatever state it is in.
+CLOSE_LIMIT = 15.0
+
+AsyncRun = Callable[[int], Awaitable[list[Any]]]
+#: What an asyncio client's ``make()`` returns on its loop: ``run(n)`` and ``aclose()``.
+AsyncMade = tuple[AsyncRun, Callable[[], Awaitable[None]]]
+
+
+def sample_limit(n: int) -> float:
+    """The longest ``n`` concurrent calls may take (unless told) before they are given up."""
+    return TIMEOUT * 3 + n / 100
+
+
+class BatchTimeout(TimeoutError):
+    """A concurrent sample that did not finish within its limit."""
+
+
+def _on_loop(make: Callable[[], Awaitable[AsyncMade]], limit: float | None = None) -> Batch:
+    """A Batch driving an asyncio client on an event loop of its own.
+
+    ``make()`` runs on the loop (aiohttp wants its session made there) and
+    returns ``(run, aclose)``. Every ``run(n)`` is bounded by ``limit``
+    seconds, :func:`sample_limit` when not given (cancelled past it: a client
+    that collapses is reported, never waited for), and closing by
+    :data:`CLOSE_LIMIT`.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        run_n, aclose = loop.run_until_complete(asyncio.wait_for(make(), CLOSE_LIMIT))
+    except BaseException:
+        loop.close()
+        raise
+
+    def run(n: int) -> list[Any]:
+        bound = sample_limit(n) if limit is None else limit
+        try:
+            return loop.run_until_complete(asyncio.wait_for(run_n(n), bound))
+        except asyncio.TimeoutError:
+            raise BatchTimeout(f"{n:,} calls did not finish within {bound:g} s") from None
+
+    def close() -> None:
+        try:
+            loop.run_until_complete(asyncio.wait_for(aclose(), CLOSE_LIMIT))
+        except asyncio.TimeoutError:
+            pass  # reported by nobody: the sample already failed; the loop goes anyway
+        finally:
+            loop.close()
+
+    return Batch(run, close)
+
+
+def _gathered(one: Callable[[], Awaitable[Any]], in_flight: int) -> AsyncRun:
+    """``n`` calls of ``one`` at most ``in_flight`` at a time: a Semaphore and ``gather``."""
+    slots = asyncio.Semaphore(in_flight)
+
+    async def bounded() -> Any:
+        async with slots:
+            return await one()
+
+    async def run(n: int) -> list[Any]:
+        return list(await asyncio.gather(*(bounded() for _ in range(n))))
+
+    return run
+
+
+class EnvelopeError(Exception):
+    """An answer a hand-written client would not accept: not a 200 or not a success."""
+
+
+def _aiohttp(ep: Endpoint, in_flight: int, limit: float | None = None) -> Batch:
+    import aiohttp
+
+    url = ep.url
+
+    async def make() -> AsyncMade:
+        # The pool and the session the AsyncDispatcher's transport makes for pool_maxsize=N,
+        # and the same timeouts: what a careful hand-written client would use.
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=in_flight, ssl=ep.ssl_context() or True
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            headers=SESSION_HEADERS,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(
+                total=TIMEOUT * 6, sock_connect=TIMEOUT, sock_read=TIMEOUT
+            ),
+        )
+
+        async def one() -> Any:
+            async with session.get(url) as response:
+                body = await response.read()
+                status = response.status
+            if status != 200:
+                raise EnvelopeError(f"HTTP {status}")
+            envelope = orjson.loads(body)
+            if envelope.get("status") != "success":
+                raise EnvelopeError(f"envelope {envelope!r:.200}")
+            return envelope["retval"]
+
+        return _gathered(one, in_flight), session.close
+
+    return _on_loop(make, limit)
+
+
+def _httpx_async(ep: Endpoint, in_flight: int, limit: float | None = None) -> Batch:
+    import httpx
+
+    url = ep.url
+
+    async def make() -> AsyncMade:
+        client = httpx.AsyncClient(
+            verify=ep.ssl_context() or True,
+            timeout=TIMEOUT,  # connect, read, write and waiting for a pooled connection
+            limits=httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight),
+        )
+
+        async def one() -> Any:
+            response = await client.get(url)
+            if response.status_code != 200:
+                raise EnvelopeError(f"HTTP {response.status_code}")
+            envelope = orjson.loads(response.content)
+            if envelope.get("status") != "success":
+                raise EnvelopeError(f"envelope {envelope!r:.200}")
+            return envelope["retval"]
+
+        return _gathered(one, in_flight), client.aclose
+
+    return _on_loop(make, limit)
+
+
+def async_dispatcher(endpoint: Endpoint, **settings: Any) -> Any:
+    """An AsyncDispatcher with the built-in plugins only (as :func:`dispatcher`)."""
+    from dispatchkit import AsyncDispatcher
+
+    return AsyncDispatcher(
+        timeout=TIMEOUT, ca_certs=endpoint.ca, disable=entry_point_plugins(), **settings
+    )
+
+
+def _dk_async(ep: Endpoint, in_flight: int, limit: float | None = None) -> Batch:
+    task = ep.task
+
+    async def make() -> AsyncMade:
+        d = async_dispatcher(ep, pool_maxsize=in_flight)
+
+        async def run(n: int) -> list[Any]:
+            values: list[Any] = await d.map(
+                task, itertools.repeat(KWARGS, n), "GET", concurrency=in_flight
+            )
+            return values
+
+        return run, d.aclose
+
+    return _on_loop(make, limit)
+
+
+#: The concurrent clients driven by asyncio (the rest run on threads).
+ASYNCIO = ("aiohttp", "httpx_async", "dk_async")
+
 CONCURRENT: dict[str, Spec] = {
     s.key: s
     for s in (
-        Spec("urllib3", "urllib3 PoolManager(maxsize=T, block=True) + threads", "urllib3",
+        Spec("urllib3", "urllib3 PoolManager(maxsize=N, block=True) + N threads", "urllib3",
              _urllib3_threads, "urllib3"),
-        Spec("dk_map", "dispatchkit map (pool_maxsize=T)", "dispatchkit", _dk_map, "dk map"),
+        Spec("dk_map", "dispatchkit Dispatcher.map (pool_maxsize=N)", "dispatchkit", _dk_map,
+             "dk map"),
         Spec("dk_submit", "dispatchkit submit all, then get", "dispatchkit", _dk_submit,
              "dk submit"),
+        # Its default adapter keeps 10 connections: past 64 threads it would open (and
+        # throw away) a connection for most calls, which says nothing new.
         Spec("requests", "requests.Session shared (default pool 10)", "requests",
-             _requests_threads, "requests.Session"),
+             _requests_threads, "requests.Session", max_level=64),
+        Spec("aiohttp", "aiohttp + orjson, hand-written (Semaphore(N) + gather)", "aiohttp",
+             _aiohttp, "aiohttp"),
+        Spec("dk_async", "dispatchkit AsyncDispatcher.map (pool_maxsize=N, concurrency=N)",
+             "aiohttp", _dk_async, "dk async"),
+        # Last: its collapse (a sample cut at sample_limit_s) then delays both aiohttp-based
+        # clients alike, whose idle pooled connections expire after aiohttp's 15 s keep-alive.
+        Spec("httpx_async", "httpx.AsyncClient (max_connections=N, Semaphore(N) + gather)",
+             "httpx", _httpx_async, "httpx async"),
     )
 }  # fmt: skip
 

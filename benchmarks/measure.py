@@ -10,6 +10,15 @@ process's CPU time is taken with each sequential sample too: unlike wall time
 it does not include the wake-ups of a blocked thread, which on a VM cost tens
 of µs per call when a vCPU has gone idle, and add to every client alike.
 
+The concurrency sweeps run every concurrent client with N calls in flight
+(N threads, or N tasks on one event loop for the asyncio clients, and a pool
+of N connections either way), against the fast endpoint and against one that
+answers ``delay_ms`` late. A sample is ``batch`` calls, fewer for a client so
+slow that they would take longer than ``sample_max_s`` (never fewer than N);
+a client stops its rounds at a level once it has spent ``level_budget_s``
+there, and an asyncio sample is cancelled after ``sample_limit_s``: a client
+that collapses is reported as it is, and not run at higher levels.
+
 ``run_matrix(plan)`` runs in this process for loopback, and in a child
 process inside the client's network namespace for the RTT runs
 (``python -m benchmarks.worker`` reads the plan on stdin, prints JSON).
@@ -48,9 +57,20 @@ class Plan:
     max_calls: int = 5000
     concurrency: list[str] = field(default_factory=lambda: list(clients.CONCURRENT))
     concurrency_schemes: list[str] = field(default_factory=lambda: ["http"])
+    #: Calls in flight against the fast endpoint: the threaded clients', the asyncio ones'.
     threads: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    async_levels: list[int] = field(default_factory=list)
     concurrency_rounds: int = 7
     batch: int = 1000
+    #: Calls in flight against the endpoint that answers ``delay_ms`` late (every client).
+    delayed: list[int] = field(default_factory=list)
+    delay_ms: int = clients.DELAY_MS
+    delayed_rounds: int = 5
+    delayed_waves: int = 8  # a sample there is this many times N calls, up to max_batch
+    max_batch: int = 4096
+    sample_max_s: float = 2.5
+    level_budget_s: float = 15.0
+    sample_limit_s: float = 20.0
     capacity: bool = True
 
 
@@ -170,63 +190,128 @@ def _repeat(call: Callable[[], Any], n: int) -> None:
         call()
 
 
-def concurrency(plan: Plan, scheme: str, meter: Meter) -> dict[str, dict[str, dict[str, Any]]]:
-    """Calls per second of every concurrent client at each thread count."""
-    endpoint = clients.Endpoint(plan.urls[scheme], plan.ca)
+def levels(plan: Plan, key: str, delayed: bool) -> list[int]:
+    """The calls in flight ``key`` runs with, against the fast or the delayed endpoint."""
+    if delayed:
+        wanted = plan.delayed
+    else:
+        wanted = plan.async_levels if key in clients.ASYNCIO else plan.threads
+    most = clients.CONCURRENT[key].max_level
+    return [n for n in wanted if most is None or n <= most]
+
+
+def batch_size(plan: Plan, level: int, delayed: bool) -> int:
+    """Calls per sample at ``level`` in flight: enough for several waves of N."""
+    if delayed:
+        return max(2 * level, min(plan.delayed_waves * level, plan.max_batch))
+    return max(plan.batch, min(4 * level, plan.max_batch))
+
+
+def concurrency(
+    plan: Plan, scheme: str, meter: Meter, delayed: bool = False
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Calls per second (and CPU per call) of every concurrent client at each level in flight."""
+    path = clients.delayed(plan.delay_ms) if delayed else clients.TASK
+    endpoint = clients.Endpoint(plan.urls[scheme], plan.ca, path)
     keys = [k for k in plan.concurrency if k not in clients.missing(clients.CONCURRENT)]
-    per_threads = len(keys) * (plan.concurrency_rounds + 1)
-    progress = Progress(f"{plan.title} {scheme} threads", per_threads * len(plan.threads))
+    runs = {k: levels(plan, k, delayed) for k in keys}
+    rounds = plan.delayed_rounds if delayed else plan.concurrency_rounds
+    where = f"{plan.delay_ms} ms endpoint" if delayed else "in flight"
+    progress = Progress(
+        f"{plan.title} {scheme} {where}", sum(map(len, runs.values())) * (rounds + 1)
+    )
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    collapsed: dict[str, str] = {}  # key -> why it is not run at higher levels
     try:
-        for threads in plan.threads:
-            rows = {k: _row(clients.CONCURRENT[k].label, "calls/s") for k in keys}
-            results[str(threads)] = rows
-            batch = max(plan.batch, threads * 4)
+        for level in sorted({n for found in runs.values() for n in found}):
+            here = [k for k in keys if level in runs[k]]
+            rows = {k: _row(clients.CONCURRENT[k].label, "calls/s") for k in here}
+            results[str(level)] = rows
+            batch = batch_size(plan, level, delayed)
             made: dict[str, clients.Batch] = {}
+            spent: dict[str, float] = {}
             try:
-                for key in keys:
+                for key in here:
                     row = rows[key]
-                    progress.step(f"{threads} threads, warm-up: {row['label']}")
+                    progress.step(f"{level} in flight, warm-up: {row['label']}")
+                    if key in collapsed:
+                        row["error"] = collapsed[key]
+                        continue
                     try:
-                        made[key] = b = clients.CONCURRENT[key].make(endpoint, threads)
-                        _, values = meter(row, b.run, max(batch // 4, threads * 2))
+                        made[key] = b = _make(plan, key, endpoint, level)
+                        warm = max(batch // 4, level)
+                        elapsed, values = meter(row, b.run, warm)
                         _check(values)
-                        row["total_calls"] += len(values)
                     except Exception as exc:
                         _fail(row, exc)
+                        if isinstance(exc, clients.BatchTimeout):
+                            collapsed[key] = f"not run: timed out at {level} in flight"
                         if key in made:
                             made.pop(key).close()
-                for number in range(1, plan.concurrency_rounds + 1):
+                        continue
+                    spent[key] = elapsed
+                    row["total_calls"] += len(values)
+                    # A client too slow for the batch in sample_max_s does fewer calls (>= N).
+                    rate = len(values) / elapsed if elapsed > 0 else float("inf")
+                    row["calls"] = batch
+                    if batch > rate * plan.sample_max_s:
+                        row["calls"] = min(batch, max(level, round(rate * plan.sample_max_s)))
+                for number in range(1, rounds + 1):
                     for key, b in list(made.items()):
                         row = rows[key]
-                        progress.step(
-                            f"{threads} threads, round {number}/{plan.concurrency_rounds}: "
-                            f"{row['label']}"
-                        )
+                        progress.step(f"{level} in flight, round {number}/{rounds}: {row['label']}")
+                        if row["samples"] and spent[key] > plan.level_budget_s:
+                            continue  # a slow client: the rounds it had must do
+                        n = row["calls"]
                         try:
-                            elapsed, _ = meter(row, b.run, batch)
+                            elapsed, _ = meter(row, b.run, n)
                         except Exception as exc:
                             _fail(row, exc)
+                            if isinstance(exc, clients.BatchTimeout):
+                                collapsed[key] = f"not run: timed out at {level} in flight"
                             made.pop(key).close()
                             continue
-                        row["samples"].append(batch / elapsed)
-                        row["calls"] = batch
-                        row["total_calls"] += batch
+                        spent[key] += elapsed
+                        row["samples"].append(n / elapsed)
+                        row["cpu_samples"].append(meter.cpu / n * 1e6)
+                        row["total_calls"] += n
             finally:
                 for b in made.values():
                     b.close()
             for row in rows.values():
+                row["batch"] = batch
                 if row["samples"]:
                     row["median"] = statistics.median(row["samples"])
+                    row["cpu_median"] = statistics.median(row["cpu_samples"])
     finally:
         progress.close()
     return results
+
+
+def _make(plan: Plan, key: str, endpoint: clients.Endpoint, level: int) -> clients.Batch:
+    spec = clients.CONCURRENT[key]
+    if key in clients.ASYNCIO:
+        made: clients.Batch = spec.make(endpoint, level, limit=plan.sample_limit_s)
+    else:
+        made = spec.make(endpoint, level)
+    return made
 
 
 def capacity(plan: Plan, scheme: str, seconds: float = 0.3) -> dict[str, float]:
     """The server's requests/s at each concurrency of the plan, from the raw-socket load probe."""
     endpoint = clients.Endpoint(plan.urls[scheme], plan.ca)
     return {str(n): clients.load(endpoint, n, seconds) for n in sorted({1, *plan.threads})}
+
+
+def delayed_capacity(plan: Plan, scheme: str, seconds: float = 0.5) -> dict[str, float]:
+    """The same probe against the delayed endpoint, at the most calls in flight of the plan.
+
+    The ideal is N / delay: the server must answer that, or the clients' figures
+    there would be its own.
+    """
+    endpoint = clients.Endpoint(plan.urls[scheme], plan.ca, clients.delayed(plan.delay_ms))
+    most = max(plan.delayed)
+    return {str(most): clients.load(endpoint, most, seconds)}
 
 
 def run_matrix(plan: Plan) -> dict[str, Any]:
@@ -241,6 +326,9 @@ def run_matrix(plan: Plan) -> dict[str, Any]:
         "capacity": {},
         "sequential": {},
         "concurrency": {},
+        "delay_ms": plan.delay_ms,
+        "delayed_capacity": {},
+        "delayed": {},
     }
     try:
         for scheme in plan.schemes:
@@ -250,8 +338,13 @@ def run_matrix(plan: Plan) -> dict[str, Any]:
                 out["capacity"][scheme] = capacity(plan, scheme)
             out["sequential"][scheme] = sequential(plan, scheme, meter)
         for scheme in plan.concurrency_schemes:
-            if plan.threads and plan.concurrency and scheme in plan.urls:
-                out["concurrency"][scheme] = concurrency(plan, scheme, meter)
+            if plan.concurrency and scheme in plan.urls:
+                if plan.threads or plan.async_levels:
+                    out["concurrency"][scheme] = concurrency(plan, scheme, meter)
+                if plan.delayed:
+                    if plan.capacity:
+                        out["delayed_capacity"][scheme] = delayed_capacity(plan, scheme)
+                    out["delayed"][scheme] = concurrency(plan, scheme, meter, delayed=True)
     finally:
         stats.close()
     return out

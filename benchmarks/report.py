@@ -7,6 +7,7 @@ import os
 import platform
 import ssl
 import subprocess
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from benchmarks import clients
 from benchmarks.checks import Check
 
 PACKAGES = ("dispatchkit", "urllib3", "requests", "httpx", "orjson", "pluggy", "tenacity",
-            "trustme", "matplotlib")  # fmt: skip
+            "trustme", "matplotlib", "aiohttp", "httpcore", "anyio", "sniffio")  # fmt: skip
 
 
 def versions() -> dict[str, str | None]:
@@ -140,33 +141,105 @@ def cpu_table(results: dict[str, Any]) -> str:
     return _grid(lines)
 
 
-def concurrency_table(results: dict[str, Any], title: str, matrix: dict[str, Any]) -> str:
-    by_threads = (matrix.get("concurrency") or {}).get("http") or {}
-    if not by_threads:
+#: Ratio columns of the concurrency tables: (title, numerator, denominator).
+RATIOS = (("map/urllib3", "dk_map", "urllib3"), ("async/aiohttp", "dk_async", "aiohttp"),
+          ("async/map", "dk_async", "dk_map"))  # fmt: skip
+
+
+def _by_level(matrix: dict[str, Any], section: str) -> dict[str, Any]:
+    found: dict[str, Any] = (matrix.get(section) or {}).get("http") or {}
+    return found
+
+
+def _cell_error(row: dict[str, Any]) -> str:
+    error = str(row.get("error") or "")
+    if error.startswith("not run"):
+        return "not run"
+    if error.startswith("BatchTimeout") or "Timeout" in error.partition(":")[0]:
+        return "timed out"
+    return "error" if error else "-"
+
+
+def concurrency_table(
+    results: dict[str, Any], title: str, matrix: dict[str, Any], section: str = "concurrency"
+) -> str:
+    """Calls/s by calls in flight: every concurrent client, connections, and the ratios."""
+    by_level = _by_level(matrix, section)
+    if not by_level:
         return ""
-    keys = [k for k in clients.CONCURRENT if any(k in rows for rows in by_threads.values())]
-    header = [f"{title} threads", *(clients.CONCURRENT[k].short for k in keys), "map/urllib3"]
-    lines = [header]
-    for threads, rows in by_threads.items():
-        line = [threads]
+    keys = [k for k in clients.CONCURRENT if any(k in rows for rows in by_level.values())]
+    ratios = [r for r in RATIOS if {r[1], r[2]} <= set(keys)]
+    header = [f"{title} in flight", *(clients.CONCURRENT[k].short for k in keys)]
+    lines = [header + [name for name, _, _ in ratios]]
+    for level, rows in by_level.items():
+        line = [level]
         for key in keys:
-            row = rows.get(key) or {}
+            row = rows.get(key)
+            if row is None:
+                line.append("")
+                continue
             if not row.get("median"):
-                line.append("error" if row.get("error") else "-")
+                line.append(_cell_error(row))
                 continue
             cell = f"{row['median']:,.0f}/s"
+            if row.get("batch") and row.get("calls") and row["calls"] < row["batch"]:
+                cell += "*"
             if row.get("connections") is not None:
                 cell += f" {row['connections']}c"
             if row.get("discarded"):
                 cell += f" {row['discarded']}d"
             line.append(cell)
-        dk, raw = (
-            (rows.get("dk_map") or {}).get("median"),
-            (rows.get("urllib3") or {}).get("median"),
-        )
-        line.append(_x(dk, raw))
+        for _, a, b in ratios:
+            line.append(_x((rows.get(a) or {}).get("median"), (rows.get(b) or {}).get("median")))
         lines.append(line)
     return _grid(lines)
+
+
+def concurrency_cpu_table(
+    results: dict[str, Any], title: str, matrix: dict[str, Any], section: str = "concurrency"
+) -> str:
+    """This process's CPU µs per call by calls in flight (every thread of it)."""
+    by_level = _by_level(matrix, section)
+    keys = [
+        k
+        for k in clients.CONCURRENT
+        if any((rows.get(k) or {}).get("cpu_median") for rows in by_level.values())
+    ]
+    if not keys:
+        return ""
+    ratios = [r for r in RATIOS[1:] if {r[1], r[2]} <= set(keys)]
+    header = [f"{title} in flight", *(clients.CONCURRENT[k].short for k in keys)]
+    lines = [header + [name for name, _, _ in ratios]]
+    for level, rows in by_level.items():
+        line = [level]
+        for key in keys:
+            row = rows.get(key)
+            line.append("" if row is None else _us(row.get("cpu_median")))
+        for _, a, b in ratios:
+            line.append(
+                _x((rows.get(a) or {}).get("cpu_median"), (rows.get(b) or {}).get("cpu_median"))
+            )
+        lines.append(line)
+    return _grid(lines)
+
+
+def concurrency_notes(matrix: dict[str, Any], section: str) -> list[str]:
+    """What went wrong where, and which samples were cut short."""
+    notes: list[str] = []
+    short = []
+    for level, rows in _by_level(matrix, section).items():
+        for key, row in rows.items():
+            short_name = clients.CONCURRENT[key].short if key in clients.CONCURRENT else key
+            if row.get("error"):
+                notes.append(f"  {short_name} at {level}: {str(row['error'])[:160]}")
+            elif row.get("batch") and row.get("calls") and row["calls"] < row["batch"]:
+                short.append(
+                    f"{short_name} at {level}: {row['calls']:,} of {row['batch']:,} calls, "
+                    f"rounds: {len(row.get('samples') or [])}"
+                )
+    if short:
+        notes.insert(0, "  * fewer calls per sample (too slow for the batch): " + "; ".join(short))
+    return notes
 
 
 def checks_table(checks: list[Check]) -> str:
@@ -206,6 +279,13 @@ def text(results: dict[str, Any], checks: list[Check]) -> str:
         parts.append(
             f"target capacity {scheme.upper()}, req/s by connections (raw-socket probe): {rates}"
         )
+    delay = loop.get("delay_ms") or clients.DELAY_MS
+    for scheme, by_conns in (loop.get("delayed_capacity") or {}).items():
+        rates = ", ".join(
+            f"{int(n):,}: {r:,.0f} (ideal {int(n) * 1000 / delay:,.0f})"
+            for n, r in by_conns.items()
+        )
+        parts.append(f"target capacity {scheme.upper()}, {delay} ms endpoint, req/s: {rates}")
     if missing := loop.get("missing"):
         parts.append("not installed, left out: " + ", ".join(sorted(set(missing.values()))))
     parts += [
@@ -227,10 +307,23 @@ def text(results: dict[str, Any], checks: list[Check]) -> str:
     for title, matrix in [("loopback", loop)] + [
         (f"{k} ms RTT", m) for k, m in (rtt.get("runs") or {}).items()
     ]:
-        table = concurrency_table(results, title, matrix)
-        if table:
-            parts += ["", "Concurrent GETs over HTTP: calls/s (median), c = connections opened, "
-                      "d = 'pool is full, discarding connection'", table]  # fmt: skip
+        for section in ("concurrency", "delayed"):
+            table = concurrency_table(results, title, matrix, section)
+            if not table:
+                continue
+            where = (
+                f"the endpoint answering {matrix.get('delay_ms')} ms late"
+                if section == "delayed"
+                else "the fast endpoint"
+            )
+            parts += ["", f"Concurrent GETs over HTTP, {where}: calls/s (median), N in flight "
+                      "(N threads, or N tasks on one event loop; pool size N), c = connections "
+                      "opened, d = 'pool is full, discarding connection'", table]  # fmt: skip
+            cpu = concurrency_cpu_table(results, title, matrix, section)
+            if cpu:
+                parts += ["", f"The same, {where}: this process's CPU time per call, us "
+                          "(every thread; the server runs in another process)", cpu]  # fmt: skip
+            parts += concurrency_notes(matrix, section)
     for scheme, mem in (results.get("memory") or {}).items():
         if "error" in mem:
             parts.append(f"\nmemory {scheme.upper()}: not measured: {mem['error'][-300:]}")
@@ -238,6 +331,21 @@ def text(results: dict[str, Any], checks: list[Check]) -> str:
         parts.append(
             f"\nmemory {scheme.upper()}: peak RSS {mem['few']:,} calls {_kib(mem['few_kib'])}, "
             f"{mem['many']:,} calls {_kib(mem['many_kib'])}: growth {mem['growth_mib']:+.2f} MiB"
+        )
+    in_flight = results.get("memory_in_flight") or {}
+    if "error" in in_flight:
+        parts.append(f"\nmemory in flight: not measured: {in_flight['error'][-300:]}")
+    elif in_flight:
+        runs = in_flight.get("runs") or {}
+        shown = "; ".join(
+            f"{clients.CONCURRENT[key].short} +{growth:.1f} MiB ("
+            + "/".join(f"{(r['peak_kib'] - r['before_kib']) / 1024:.1f}" for r in runs.get(key, []))
+            + ")"
+            for key, growth in in_flight.get("growth_mib", {}).items()
+        )
+        parts.append(
+            f"\nmemory, {in_flight['in_flight']:,} calls in flight ({in_flight['calls']:,} calls, "
+            f"{in_flight['delay_ms']} ms endpoint, a fresh process each): RSS growth {shown}"
         )
     parts += ["", checks_table(checks)]
     return "\n".join(parts)
@@ -265,22 +373,52 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         return False
     loop = results.get("loopback") or {}
     runs = (results.get("rtt") or {}).get("runs") or {}
-    panels = 1 + bool(runs) + bool(loop.get("concurrency", {}).get("http"))
-    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 5.4), squeeze=False)
-    ax_iter = iter(axes[0])
-    _bars(next(ax_iter), loop.get("sequential", {}), "loopback: µs per call (log scale)", 1.0)
+    panels: list[Callable[[Any], None]] = [
+        lambda ax: _bars(ax, loop.get("sequential", {}), "loopback: µs per call (log scale)", 1.0)
+    ]
     if runs:
         last = list(runs)[-1]
-        _bars(next(ax_iter), runs[last].get("sequential", {}), f"{last} ms RTT: ms per call", 1e-3)
-    if loop.get("concurrency", {}).get("http"):
-        _lines(next(ax_iter), loop["concurrency"]["http"])
+        panels.append(
+            lambda ax: _bars(
+                ax, runs[last].get("sequential", {}), f"{last} ms RTT: ms per call", 1e-3
+            )
+        )
+    delay = loop.get("delay_ms")
+    for field in ("median", "cpu_median"):
+        for section, where in (
+            ("concurrency", "fast endpoint"),
+            ("delayed", f"{delay} ms endpoint"),
+        ):
+            by_level = _by_level(loop, section)
+            if any((r or {}).get(field) for rows in by_level.values() for r in rows.values()):
+                panels.append(_line_panel(by_level, where, field))
+    columns = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(7.0 * columns, 6.2 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for draw, ax in zip(panels, flat, strict=False):
+        draw(ax)
+    for ax in flat[len(panels) :]:
+        ax.set_visible(False)
     meta = results["meta"]
     fig.suptitle(
         f"dispatchkit {meta['versions']['dispatchkit']} vs peers — {meta['machine']['cpu_count']} "
         f"CPUs, Python {meta['versions']['python']}, {meta['server']}",
         fontsize=10,
     )
-    fig.tight_layout()
+    # The line panels share one legend, under the figure: inside, it hid the fastest clients.
+    found: dict[str, Any] = {}
+    for ax in flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if ax.get_legend() is None:
+                found.setdefault(label, handle)
+    order = [spec.label for spec in clients.CONCURRENT.values() if spec.label in found]
+    bottom = 0.0
+    if order:
+        fig.legend([found[label] for label in order], order, loc="lower center", ncol=2,
+                   fontsize=8, frameon=False)  # fmt: skip
+        bottom = 0.16 / rows
+    fig.tight_layout(rect=(0.0, bottom, 1.0, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -310,18 +448,31 @@ def _bars(ax: Any, by_scheme: dict[str, Any], title: str, scale: float) -> None:
     ax.legend(fontsize=8)
 
 
-def _lines(ax: Any, by_threads: dict[str, Any]) -> None:
-    threads = [int(t) for t in by_threads]
+def _line_panel(by_level: dict[str, Any], where: str, field: str) -> Callable[[Any], None]:
+    return lambda ax: _lines(ax, by_level, where, field)
+
+
+def _lines(ax: Any, by_level: dict[str, Any], where: str, field: str) -> None:
+    levels = [int(n) for n in by_level]
     for key, spec in clients.CONCURRENT.items():
-        values = [(by_threads[str(t)].get(key) or {}).get("median") for t in threads]
-        if any(values):
-            ax.plot(threads, [v or float("nan") for v in values], marker="o", label=spec.label,
+        points = [
+            (n, value)
+            for n in levels
+            if (value := (by_level[str(n)].get(key) or {}).get(field)) is not None
+        ]
+        if points:
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=spec.label,
+                    linestyle="--" if key in clients.ASYNCIO else "-",
                     linewidth=2.2 if key.startswith("dk") else 1.2)  # fmt: skip
     ax.set_xscale("log", base=2)
-    ax.set_xticks(threads)
-    ax.set_xticklabels([str(t) for t in threads])
-    ax.set_xlabel("threads (pool size = threads)")
-    ax.set_title("loopback HTTP, concurrent: calls per second", fontsize=10)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set_xticks(levels)
+    ax.set_xticklabels([f"{n:,}" for n in levels])
+    ax.set_xlabel("calls in flight N (N threads or N asyncio tasks; pool size N)")
+    if field == "median":
+        ax.set_title(f"loopback HTTP, {where}: calls per second", fontsize=10)
+    else:
+        ax.set_yscale("log")
+        ax.set_title(f"loopback HTTP, {where}: client CPU µs per call (log scale)", fontsize=10)
+    if field == "median":
+        ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)  # one legend for every such panel, under the figure (see plot)

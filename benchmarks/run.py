@@ -42,33 +42,45 @@ class Mode:
     memory: dict[str, Any]
     netns: bool
     rtt_ms: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    #: RSS growth with this many asyncio calls in flight (benchmarks.memory.measure_in_flight).
+    in_flight: dict[str, Any] = field(default_factory=dict)
 
 
 MODES = {
     "full": Mode(
         loopback={"rounds": 15, "sample_s": 0.1, "warmup_s": 0.3, "concurrency_rounds": 7,
-                  "batch": 1000, "threads": [1, 4, 16, 64]},
+                  "batch": 1000, "threads": [1, 4, 16, 64, 256, 1024],
+                  "async_levels": [4, 16, 64, 256, 1024], "delayed": [4, 16, 64, 256, 1024],
+                  "delayed_rounds": 5, "delayed_waves": 8, "max_batch": 4096,
+                  "sample_max_s": 2.5, "level_budget_s": 15.0, "sample_limit_s": 20.0},
         rtt={"rounds": 5, "sample_s": 0.05, "warmup_s": 0.05, "min_calls": 3,
              "concurrency_rounds": 3, "batch": 256, "threads": [4, 16, 64], "capacity": False},
         memory={"few": 100, "many": 10_000, "repeats": 3, "schemes": ["http", "https"]},
         netns=True,
+        in_flight={"in_flight": 1000, "waves": 3, "repeats": 3},
     ),
     "quick": Mode(
         loopback={"rounds": 9, "sample_s": 0.03, "warmup_s": 0.05, "min_calls": 2,
-                  "concurrency_rounds": 3, "batch": 300, "threads": [1, 4, 16, 64]},
+                  "concurrency_rounds": 3, "batch": 300, "threads": [1, 4, 16, 64, 256],
+                  "async_levels": [16, 256], "sample_max_s": 1.0, "level_budget_s": 3.0,
+                  "sample_limit_s": 5.0},
         rtt={"rounds": 3, "sample_s": 0.02, "warmup_s": 0.02, "min_calls": 2,
              "concurrency_rounds": 2, "batch": 64, "threads": [16], "capacity": False},
         memory={"few": 100, "many": 2_000, "repeats": 1, "schemes": ["http"]},
         netns=False,
+        in_flight={"in_flight": 1000, "waves": 1, "repeats": 1},
     ),
     "smoke": Mode(
         loopback={"rounds": 1, "sample_s": 0.002, "warmup_s": 0.002, "min_calls": 1,
-                  "concurrency_rounds": 1, "batch": 16, "threads": [1, 4]},
+                  "concurrency_rounds": 1, "batch": 16, "threads": [1, 4], "async_levels": [4],
+                  "delayed": [4], "delayed_rounds": 1, "delayed_waves": 2, "delay_ms": 5,
+                  "sample_max_s": 1.0, "level_budget_s": 2.0, "sample_limit_s": 10.0},
         rtt={"rounds": 1, "sample_s": 0.002, "warmup_s": 0.002, "min_calls": 1,
              "concurrency_rounds": 1, "batch": 16, "threads": [4], "capacity": False},
         memory={"few": 5, "many": 20, "repeats": 1, "schemes": ["http"]},
         netns=False,
         rtt_ms=[1.0],
+        in_flight={"in_flight": 16, "waves": 1, "repeats": 1, "delay_ms": 5},
     ),
 }  # fmt: skip
 
@@ -202,6 +214,24 @@ def rtt_section(
     return {"method": method, "note": note, "runs": runs}
 
 
+def memory_in_flight(
+    base: str, ca: str | None, plan: dict[str, Any], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """RSS growth of each asyncio client with ``plan["in_flight"]`` calls in flight."""
+    keys = [k for k in memory.IN_FLIGHT_CLIENTS if k not in clients.missing(clients.CONCURRENT)]
+    if not keys:
+        return {"error": "aiohttp is not installed"}
+    steps = Progress("memory in flight", len(keys) * plan["repeats"])
+    try:
+        return memory.measure_in_flight(base, ca, keys=keys, step=steps.step, **plan)
+    except Exception as exc:  # one part failing must not lose the others
+        error = f"{type(exc).__name__}: {exc}"
+        say(f"memory in flight: {error[-300:]}")
+        return {"error": error}
+    finally:
+        steps.close()
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Make SIGTERM unwind like Ctrl-C, so that every ``finally`` cleans up."""
@@ -245,7 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with server("127.0.0.1", certs, args.server_workers) as running:
             results["meta"]["server"] = running.name
             say(f"loopback: {running.name} at {', '.join(running.urls.values())}")
-            plan = Plan("loopback", running.urls, ca, running.stats, **mode.loopback)
+            loopback = dict(mode.loopback)
+            delayed = running.stats == "target"  # only the Python target has /delay/<ms>/
+            if not delayed and (loopback.get("delayed") or mode.in_flight):
+                say(f"{running.name} answers no delayed endpoint: the 50 ms part and the "
+                    "memory in flight are left out")  # fmt: skip
+                loopback["delayed"] = []
+            plan = Plan("loopback", running.urls, ca, running.stats, **loopback)
             results["loopback"] = run_matrix(plan)
             results["memory"] = {}
             memory_plan = dict(mode.memory)
@@ -261,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         results["memory"][scheme] = {"error": f"{type(exc).__name__}: {exc}"}
                         say(f"memory {scheme}: {results['memory'][scheme]['error'][-300:]}")
             steps.close()
+            if mode.in_flight and delayed:
+                results["memory_in_flight"] = memory_in_flight(
+                    running.urls["http"], ca, mode.in_flight, say
+                )
         if use_netns:
             try:
                 results["rtt"] = rtt_section(mode, rtts, certs, server, args.server_workers, say)

@@ -14,6 +14,12 @@ to count the connections each client opens. Only enough HTTP is parsed
 (request line, headers, Content-Length) to be a correct peer for keep-alive
 clients, pipelining and ``Connection: close``; this is not a general server.
 
+``GET /delay/<ms>/<anything>`` answers the same envelope ``<ms>``
+milliseconds after the request arrived (at most 10 s), like a task that waits
+on something else: the answer waits in a timer heap of the same thread, so a
+thousand delayed requests hold a thousand entries in a list, not a thousand
+threads. Answers on one connection still leave in the order of the requests.
+
 Every connection is served by one thread with ``selectors`` (see
 :class:`Server` for why not threads or asyncio). ``--workers N`` forks N
 processes sharing the listening sockets, their counters in shared memory; one
@@ -24,6 +30,8 @@ each.
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import mmap
 import os
 import selectors
@@ -34,6 +42,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 BODY = b'{"status":"success","retval":100}'
@@ -41,6 +50,8 @@ HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d
 RESPONSE = HEAD % len(BODY) + b"\r\n" + BODY
 CLOSE_RESPONSE = HEAD % len(BODY) + b"Connection: close\r\n\r\n" + BODY
 SLOT = struct.Struct("QQ")  # connections, requests: one slot per worker in shared memory
+DELAY_PREFIX = b"get /delay/"
+MAX_DELAY_MS = 10_000
 
 
 class Counters:
@@ -65,9 +76,12 @@ class Counters:
         return connections, requests
 
 
-def answer(buffer: bytes, counters: Counters) -> tuple[list[bytes], bytes, bool]:
-    """The responses to every complete request in ``buffer``, the rest, and whether to close."""
-    out: list[bytes] = []
+def answer(buffer: bytes, counters: Counters) -> tuple[list[tuple[float, bytes]], bytes, bool]:
+    """The responses to every complete request in ``buffer``, the rest, and whether to close.
+
+    Each response comes with its delay in seconds (0.0 but for ``/delay/<ms>/``).
+    """
+    out: list[tuple[float, bytes]] = []
     while True:
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -85,18 +99,34 @@ def answer(buffer: bytes, counters: Counters) -> tuple[list[bytes], bytes, bool]
         if head.startswith(b"get /stats"):
             connections, requests = counters.total()
             body = b'{"connections":%d,"requests":%d}' % (connections, requests)
-            out.append(HEAD % len(body) + b"\r\n" + body)
+            out.append((0.0, HEAD % len(body) + b"\r\n" + body))
         elif b"\r\nconnection: close" in head:
-            out.append(CLOSE_RESPONSE)
+            out.append((_delay(head), CLOSE_RESPONSE))
             return out, b"", True
         else:
-            out.append(RESPONSE)
+            out.append((_delay(head), RESPONSE))
+
+
+def _delay(head: bytes) -> float:
+    """Seconds to hold the answer: ``<ms>`` of ``GET /delay/<ms>/...``, else 0."""
+    if not head.startswith(DELAY_PREFIX):
+        return 0.0
+    start = len(DELAY_PREFIX)
+    stop = head.find(b"/", start)
+    digits = head[start : stop if stop >= 0 else None]
+    if not digits.isdigit():
+        raise ValueError(f"bad delay {digits[:20]!r}")
+    return min(int(digits), MAX_DELAY_MS) / 1000
 
 
 class Connection:
-    """One client connection's state: TLS handshake, unparsed input, unsent output."""
+    """One client connection's state: TLS handshake, unparsed input, unsent output.
 
-    __slots__ = ("buffer", "closing", "handshaking", "outgoing", "sock")
+    ``held`` are answers not due yet (due time, bytes), in request order; an
+    answer behind a held one waits for it.
+    """
+
+    __slots__ = ("buffer", "closed", "closing", "handshaking", "held", "outgoing", "sock")
 
     def __init__(self, sock: socket.socket, tls: bool) -> None:
         self.sock = sock
@@ -104,6 +134,8 @@ class Connection:
         self.buffer = b""
         self.outgoing = b""
         self.closing = False
+        self.closed = False
+        self.held: deque[tuple[float, bytes]] = deque()
 
 
 class Server:
@@ -121,18 +153,63 @@ class Server:
     ) -> None:
         self.selector = selectors.DefaultSelector()
         self.counters = counters
+        #: Held answers' due times: (due, tie-breaker, connection), earliest first.
+        self.timers: list[tuple[float, int, Connection]] = []
+        self._order = itertools.count()
         for listener, context in listeners:
             listener.setblocking(False)
             self.selector.register(listener, selectors.EVENT_READ, context)
 
     def run(self, running: Callable[[], bool]) -> None:
+        timers = self.timers
         while running():
-            for key, events in self.selector.select(0.5):
+            wait = 0.5
+            if timers:
+                wait = min(wait, max(timers[0][0] - time.monotonic(), 0.0))
+            for key, events in self.selector.select(wait):
                 if isinstance(key.data, Connection):
                     self._serve(key.data, events)
                 else:
                     assert isinstance(key.fileobj, socket.socket)
                     self._accept(key.fileobj, key.data)
+            if timers and timers[0][0] <= time.monotonic():
+                self._release()
+
+    def _release(self) -> None:
+        """Send every held answer that is due, in each connection's order."""
+        now = time.monotonic()
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            conn = heapq.heappop(timers)[2]
+            if conn.closed or not conn.held:
+                continue
+            try:
+                if self._unhold(conn, now):
+                    self._write(conn)
+            except (OSError, ValueError):
+                conn.closing, conn.outgoing = True, b""
+            self._settle(conn)
+
+    def _unhold(self, conn: Connection, now: float) -> bool:
+        """Move the due answers at the head of ``conn.held`` to its output; any moved?"""
+        held, moved = conn.held, False
+        while held and held[0][0] <= now:
+            conn.outgoing += held.popleft()[1]
+            moved = True
+        return moved
+
+    def _queue(self, conn: Connection, out: list[tuple[float, bytes]]) -> None:
+        """Answers to send now, or to hold until due behind any held one."""
+        now = time.monotonic()
+        for delay, response in out:
+            if delay <= 0.0 and not conn.held:
+                conn.outgoing += response
+                continue
+            due = now + delay
+            if conn.held and conn.held[-1][0] > due:
+                due = conn.held[-1][0]  # never ahead of an earlier request's answer
+            conn.held.append((due, response))
+            heapq.heappush(self.timers, (due, next(self._order), conn))
 
     def _accept(self, listener: socket.socket, context: ssl.SSLContext | None) -> None:
         try:
@@ -160,13 +237,31 @@ class Server:
                 self._write(conn)
         except (OSError, ValueError):
             conn.closing, conn.outgoing = True, b""  # gone, or sent what we do not parse
-        if conn.closing and not conn.outgoing:
-            self.selector.unregister(conn.sock)
+            conn.held.clear()
+        self._settle(conn)
+
+    def _settle(self, conn: Connection) -> None:
+        """Close ``conn`` once it is closing with nothing left to send; else mind its events."""
+        if conn.closing and not conn.outgoing and not conn.held:
+            if conn.sock in self.selector.get_map():
+                self.selector.unregister(conn.sock)
             conn.sock.close()
+            conn.closed = True
+            return
+        if conn.closing and not conn.outgoing:
+            wanted = 0  # only held answers are left: read nothing more, wait for the timer
         else:
             wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outgoing else 0)
-            if self.selector.get_key(conn.sock).events != wanted:
-                self.selector.modify(conn.sock, wanted, conn)
+        key = self.selector.get_map().get(conn.sock)
+        events = key.events if key is not None else 0
+        if events == wanted:
+            return
+        if not wanted:
+            self.selector.unregister(conn.sock)
+        elif not events:
+            self.selector.register(conn.sock, wanted, conn)
+        else:
+            self.selector.modify(conn.sock, wanted, conn)
 
     def _handshake(self, conn: Connection) -> bool:
         assert isinstance(conn.sock, ssl.SSLSocket)
@@ -190,12 +285,14 @@ class Server:
                 return
             if not data:
                 conn.closing = True
+                conn.held.clear()  # the client is gone: nothing held is wanted any more
                 return
             out, conn.buffer, close = answer(conn.buffer + data, self.counters)
             if out:
                 self.counters.publish()
-                conn.outgoing += b"".join(out)
-                self._write(conn)
+                self._queue(conn, out)
+                if conn.outgoing:
+                    self._write(conn)
             conn.closing = close
 
     def _write(self, conn: Connection) -> None:

@@ -41,7 +41,21 @@ def test_smoke_run_measures_every_installed_client(tmp_path: Path) -> None:
         assert rows["dk_new"]["connections"] == rows["dk_new"]["total_calls"]
     threads = results["loopback"]["concurrency"]["http"]["4"]
     assert threads["dk_map"]["connections"] <= 4
+    # The asyncio clients, next to the threaded ones, at the fast and the delayed endpoint.
+    for section in ("concurrency", "delayed"):
+        rows = results["loopback"][section]["http"]["4"]
+        for key in ("dk_map", "aiohttp", "httpx_async", "dk_async"):
+            assert rows[key]["error"] is None, (section, key, rows[key]["error"])
+            assert rows[key]["median"] > 0
+            assert rows[key]["cpu_median"] > 0
+        assert rows["dk_async"]["connections"] <= 4
+        assert rows["aiohttp"]["connections"] <= 4
+    assert "1" not in results["loopback"]["delayed"]["http"]  # only the levels asked for
     assert results["memory"]["http"]["growth_mib"] is not None
+    in_flight = results["memory_in_flight"]
+    assert set(in_flight["growth_mib"]) == {"aiohttp", "dk_async"}, in_flight
+    names = [c["name"] for c in results["checks"]]
+    assert f"fast, 4 in flight: {CALLS}" in names
     assert {c["status"] for c in results["checks"]} <= {"PASS", "FAIL", "SKIP", "met", "not met"}
 
 
@@ -61,3 +75,64 @@ def test_targets_are_ratios_of_medians(
     check = found["HTTP: Dispatcher.call <= 1.05 x urllib3 PoolManager.request + orjson.loads"]
     assert check.status == status
     assert found["HTTPS: >= 5 x faster than urlopen per call"].status == "SKIP"
+
+
+def _level(**rows: dict[str, float]) -> dict[str, Any]:
+    return {"4": rows}
+
+
+def _async(fast: dict[str, Any], delayed: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"loopback": {"delay_ms": 50, "concurrency": {"http": fast},
+                         "delayed": {"http": delayed or {}}}}  # fmt: skip
+
+
+def _found(monkeypatch: pytest.MonkeyPatch, results: dict[str, Any]) -> dict[str, Any]:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.checks import evaluate
+
+    return {c.name: c for c in evaluate(results)}
+
+
+CALLS = "AsyncDispatcher.map >= 0.90 x aiohttp's calls/s"
+CPU = "AsyncDispatcher.map CPU/call <= 1.15 x aiohttp's"
+OVER_SYNC = "AsyncDispatcher.map >= 2.5 x Dispatcher.map's calls/s"
+
+
+@pytest.mark.parametrize(
+    ("calls", "cpu", "status"),
+    [(950.0, 110.0, ("PASS", "PASS")), (850.0, 120.0, ("FAIL", "FAIL"))],
+)
+def test_async_targets_are_ratios_to_aiohttp(
+    monkeypatch: pytest.MonkeyPatch, calls: float, cpu: float, status: tuple[str, str]
+) -> None:
+    rows = _level(
+        aiohttp={"median": 1000.0, "cpu_median": 100.0},
+        dk_async={"median": calls, "cpu_median": cpu},
+    )
+    found = _found(monkeypatch, _async(rows))
+    assert found[f"fast, 4 in flight: {CALLS}"].status == status[0]
+    assert found[f"fast, 4 in flight: {CPU}"].status == status[1]
+    # Nothing measured at the delayed endpoint: one SKIP row per target, not one per level.
+    skipped = [name for name, c in found.items() if name.startswith("50 ms")]
+    assert len(skipped) == 2
+    assert all(found[name].status == "SKIP" for name in skipped)
+
+
+def test_async_dispatcher_failing_where_aiohttp_ran_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = {"64": {"aiohttp": {"median": 1000.0, "cpu_median": 100.0},
+                   "dk_map": {"median": 300.0},
+                   "dk_async": {"median": None, "error": "BatchTimeout: ..."}}}  # fmt: skip
+    found = _found(monkeypatch, _async(rows))
+    check = found[f"fast, 64 in flight: {CALLS}"]
+    assert (check.measured, check.status) == (0.0, "FAIL")
+    assert found[f"fast, 64 in flight: {CPU}"].status == "SKIP"
+    assert found[f"fast, 64 in flight: {OVER_SYNC}"].status == "FAIL"
+
+
+@pytest.mark.parametrize(("ours", "status"), [(11.9, "PASS"), (12.1, "FAIL")])
+def test_in_flight_memory_target(monkeypatch: pytest.MonkeyPatch, ours: float, status: str) -> None:
+    results = {"memory_in_flight": {"in_flight": 1000, "delay_ms": 50,
+                                    "growth_mib": {"aiohttp": 10.0, "dk_async": ours}}}  # fmt: skip
+    found = _found(monkeypatch, results)
+    name = "memory, 1,000 in flight (50 ms): AsyncDispatcher's RSS growth <= 1.2 x aiohttp's"
+    assert found[name].status == status
