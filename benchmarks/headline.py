@@ -39,6 +39,7 @@ COMMAND = "python -m benchmarks.headline"
 DOCUMENTS = {
     "README.md": ("headline",),
     "docs/benchmarks.md": ("headline", "results", "findings", "standing"),
+    "docs/async.md": ("asyncio",),
 }
 BLOCK = re.compile(
     r"^(?P<begin><!-- (?P<name>[a-z]+):begin[^\n]*-->\n)"
@@ -496,7 +497,20 @@ def standing(run: Run, document: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def asyncio_block(run: Run, document: str) -> str:
+    """The asyncio figures for docs/async.md: the same sentence as the findings, dated."""
+    text = asyncio_finding(run)
+    if not text:
+        return "The last full run did not measure the asyncio clients.\n"
+    source = (
+        f"A full run of `python -m benchmarks`, {run.date}, {run.commit}; "
+        "the method and every level are in [benchmarks.md](benchmarks.md)."
+    )
+    return wrap(f"{text} ({source})") + "\n"
+
+
 RENDER: dict[str, Callable[[Run, str], str]] = {
+    "asyncio": asyncio_block,
     "headline": headline,
     "results": results_block,
     "findings": findings,
