@@ -189,18 +189,8 @@ class AsyncDispatcher:
         try:
             transport = self._transport_for(request)
             try:
-                # _attempt's body, inlined: every coroutine frame between the event loop
-                # and aiohttp is resumed again at each of its suspensions.
-                pipeline.begin_attempt(request)
-                try:
-                    response = await transport.send(request)
-                except DispatchError:
-                    raise
-                except Exception as exc:
-                    raise plugin_failure(exc, request) from exc
-                response = pipeline.checked(request, response)
+                response = await self._attempt(request, transport)
             except DispatchError as first:
-                first.bind(request)  # the retry policy decides on the call's method
                 if self._retrying is None:
                     raise
                 response = await self._retrying.copy()(

@@ -24,13 +24,13 @@ from dispatchkit._egress import EgressPolicy
 from dispatchkit._encoding import SENT_AS_IS
 from dispatchkit._models import Request, Response
 from dispatchkit._redirects import REDIRECT_STATUSES, SCHEMES, next_hop
+from dispatchkit.builtin.transport import CHUNK, DEADLINE_FACTOR, body_too_large
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchError,
     DispatchTimeout,
     EgressDenied,
     InvalidResponseError,
-    ResponseTooLargeError,
     TransportError,
     UsageError,
 )
@@ -42,10 +42,7 @@ if TYPE_CHECKING:
     from dispatchkit._async_dispatcher import AsyncDispatcher
     from dispatchkit._settings import Settings
 
-CHUNK = 64 * 1024
 SWITCHING_PROTOCOLS = 101
-#: Without a ``deadline`` setting, an attempt may last this many times its ``timeout``.
-DEADLINE_FACTOR = 6
 EXTRA = "pip install 'dispatchkit[async]'"
 
 
@@ -125,11 +122,12 @@ class AiohttpTransport:
         headers: Any = request.headers
         try:
             for hop in range(self._follow + 1):
+                target = self._url(url)
                 if self._policy is not None:
-                    self._check_literal(url, request)
+                    self._check_literal(target.host or "", request)
                 async with session.request(
                     method,
-                    self._url(url),
+                    target,
                     data=body,
                     headers=headers,
                     allow_redirects=False,
@@ -173,9 +171,8 @@ class AiohttpTransport:
         target = url.partition("://")[2]
         return self._aiohttp.client.URL(url, encoded=bool(SENT_AS_IS.fullmatch(target)))
 
-    def _check_literal(self, url: str, request: Request) -> None:
+    def _check_literal(self, host: str, request: Request) -> None:
         """aiohttp skips the resolver for an IP address: check a literal host here."""
-        host = self._aiohttp.client.URL(url).host or ""
         if host in self._checked_hosts:
             return
         assert self._policy is not None
@@ -203,12 +200,7 @@ class AiohttpTransport:
             )
         length = answer.content_length
         if length is not None and length > limit:
-            raise ResponseTooLargeError(
-                f"response body of {length} bytes exceeds max_response_bytes={limit}",
-                limit=limit,
-                status=answer.status,
-                request=request,
-            )
+            raise body_too_large(limit, answer.status, request, length)
         if length is not None and "Content-Encoding" not in answer.headers:
             data: bytes = await answer.read()
             return data
@@ -217,12 +209,7 @@ class AiohttpTransport:
         async for chunk in answer.content.iter_chunked(CHUNK):  # decoded bytes
             size += len(chunk)
             if size > limit:
-                raise ResponseTooLargeError(
-                    f"response body exceeds max_response_bytes={limit}",
-                    limit=limit,
-                    status=answer.status,
-                    request=request,
-                )
+                raise body_too_large(limit, answer.status, request)
             chunks.append(chunk)
         return b"".join(chunks)
 

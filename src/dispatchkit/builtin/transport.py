@@ -258,12 +258,7 @@ class PoolTransport:
         try:
             length = raw.length_remaining
             if length is not None and length > limit:
-                raise ResponseTooLargeError(
-                    f"response body of {length} bytes exceeds max_response_bytes={limit}",
-                    limit=limit,
-                    status=raw.status,
-                    request=request,
-                )
+                raise body_too_large(limit, raw.status, request, length)
             if length is not None and "content-encoding" not in raw.headers:
                 body = raw.read()
             else:
@@ -289,12 +284,7 @@ class PoolTransport:
         while chunk := raw.read(CHUNK):
             size += len(chunk)
             if size > limit:
-                raise ResponseTooLargeError(
-                    f"response body exceeds max_response_bytes={limit}",
-                    limit=limit,
-                    status=raw.status,
-                    request=request,
-                )
+                raise body_too_large(limit, raw.status, request)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -311,6 +301,17 @@ class PoolTransport:
 
 #: Without a ``deadline`` setting, an attempt may last this many times its ``timeout``.
 DEADLINE_FACTOR = 6
+
+
+def body_too_large(
+    limit: int, status: int, request: Request, length: int | None = None
+) -> ResponseTooLargeError:
+    """The error for a body past ``max_response_bytes`` (``length``: as announced)."""
+    size = "response body" if length is None else f"response body of {length} bytes"
+    return ResponseTooLargeError(
+        f"{size} exceeds max_response_bytes={limit}", limit=limit, status=status, request=request
+    )
+
 
 _current = threading.local()
 
