@@ -8,6 +8,7 @@ from dispatchkit._compat import URL, HttpDispatchTask, default_dispatcher
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import (
     AsyncTransport,
+    Attempt,
     Call,
     Codec,
     Envelope,
@@ -45,6 +46,7 @@ __all__ = [
     "AsyncDispatcher",
     "AsyncResult",
     "AsyncTransport",
+    "Attempt",
     "Call",
     "Codec",
     "ConnectError",

@@ -10,7 +10,7 @@ from typing import Any
 
 import tenacity
 
-from dispatchkit._models import AsyncTransport, Call, PluginInfo, Request, Response
+from dispatchkit._models import AsyncTransport, Attempt, Call, PluginInfo, Request, Response
 from dispatchkit._pipeline import AsyncAfterFailure, Pipeline, plugin_failure, scheme_of
 from dispatchkit._redirects import SCHEMES
 from dispatchkit._settings import Settings
@@ -88,9 +88,15 @@ class AsyncDispatcher:
         call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json)
         return await self._run(self._pipeline.build(call))
 
-    async def execute(self, call: Call) -> Any:
-        """Run a :class:`~dispatchkit.Call` now."""
-        return await self._run(self._pipeline.build(call))
+    async def execute(self, call: Call, *, attempts: list[Attempt] | None = None) -> Any:
+        """Run a :class:`~dispatchkit.Call` now.
+
+        With ``attempts``, the record of each attempt (an :class:`~dispatchkit.Attempt`)
+        is appended to that list as the attempt ends, whether the call succeeds or not.
+        """
+        request = self._pipeline.build(call)
+        request.attempts = attempts
+        return await self._run(request)
 
     async def map(
         self,
@@ -204,15 +210,18 @@ class AsyncDispatcher:
         return retval
 
     async def _attempt(self, request: Request, transport: AsyncTransport) -> Response:
-        self._pipeline.begin_attempt(request)
+        pipeline = self._pipeline
+        pipeline.begin_attempt(request)
         try:
             response = await transport.send(request)
         except DispatchError as exc:
-            exc.bind(request)  # the retry policy decides on the call's method
+            pipeline.attempt_failed(request, exc)
             raise
         except Exception as exc:
-            raise plugin_failure(exc, request) from exc
-        return self._pipeline.checked(request, response)
+            error = plugin_failure(exc, request)
+            pipeline.attempt_failed(request, error)
+            raise error from exc
+        return pipeline.checked(request, response)
 
     def _transport_for(self, request: Request) -> AsyncTransport:
         transport = self._transports.get(request.url.partition(":")[0])

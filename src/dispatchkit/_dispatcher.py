@@ -10,7 +10,16 @@ from types import TracebackType
 from typing import Any
 
 from dispatchkit._encoding import new_task_id
-from dispatchkit._models import Call, Executor, PluginInfo, Request, Response, Result, Transport
+from dispatchkit._models import (
+    Attempt,
+    Call,
+    Executor,
+    PluginInfo,
+    Request,
+    Response,
+    Result,
+    Transport,
+)
 from dispatchkit._pipeline import TASK_NAME, AfterFailure, Pipeline, plugin_failure, scheme_of
 from dispatchkit._settings import Settings
 from dispatchkit.exceptions import DispatchError, UsageError
@@ -78,9 +87,15 @@ class Dispatcher:
         call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json)
         return self._run(self._pipeline.build(call))
 
-    def execute(self, call: Call) -> Any:
-        """Run a :class:`~dispatchkit.Call` here and now; what executors call."""
-        return self._run(self._pipeline.build(call))
+    def execute(self, call: Call, *, attempts: list[Attempt] | None = None) -> Any:
+        """Run a :class:`~dispatchkit.Call` here and now; what executors call.
+
+        With ``attempts``, the record of each attempt (an :class:`~dispatchkit.Attempt`)
+        is appended to that list as the attempt ends, whether the call succeeds or not.
+        """
+        request = self._pipeline.build(call)
+        request.attempts = attempts
+        return self._run(request)
 
     def submit(self, url: str, /, method: str = "GET", **kwargs: Any) -> Result:
         """Start the call on the executor and return its :class:`~dispatchkit.AsyncResult`.
@@ -234,15 +249,18 @@ class Dispatcher:
         return retval
 
     def _attempt(self, request: Request, transport: Transport) -> Response:
-        self._pipeline.begin_attempt(request)
+        pipeline = self._pipeline
+        pipeline.begin_attempt(request)
         try:
             response = transport.send(request)
         except DispatchError as exc:
-            exc.bind(request)  # the retry policy decides on the call's method
+            pipeline.attempt_failed(request, exc)
             raise
         except Exception as exc:
-            raise plugin_failure(exc, request) from exc
-        return self._pipeline.checked(request, response)
+            error = plugin_failure(exc, request)
+            pipeline.attempt_failed(request, error)
+            raise error from exc
+        return pipeline.checked(request, response)
 
     def _transport_for(self, request: Request) -> Transport:
         transport = self._transports.get(request.url.partition(":")[0])

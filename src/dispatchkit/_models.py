@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from dispatchkit._redact import excerpt, mask_url
-from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError
+from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError, UsageError
 
 #: The two statuses of an envelope.
 STATUS_SUCCESS: Literal["success"] = "success"
@@ -22,7 +24,9 @@ class Request:
 
     ``url`` is the URL that is sent (for GET, HEAD, DELETE and OPTIONS it holds
     the encoded arguments); ``kwargs`` are the task's arguments as given;
-    ``body`` is the encoded body or ``None``; ``attempt`` counts from 1.
+    ``body`` is the encoded body or ``None``; ``attempt`` counts from 1;
+    ``attempts``, when not ``None``, receives an :class:`Attempt` as each
+    attempt ends (``Dispatcher.execute(call, attempts=...)``).
     """
 
     method: str
@@ -33,6 +37,10 @@ class Request:
     task_id: str
     timeout: float
     attempt: int = 0
+    attempts: list[Attempt] | None = None
+    # (time.time(), time.perf_counter()) when the current attempt began, while attempts
+    # are recorded (a list or a dispatchkit_attempt_done hook); else None, and no clock read.
+    _began: tuple[float, float] | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
         headers = {
@@ -42,6 +50,109 @@ class Request:
             f"Request(method={self.method!r}, url={mask_url(self.url)!r}, "
             f"task_id={self.task_id!r}, attempt={self.attempt}, headers={headers!r})"
         )
+
+
+#: How much of an answer's body an :class:`Attempt` keeps.
+ATTEMPT_BODY_BYTES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt of a call, as it ended: when, how long, and what came back.
+
+    ``number`` counts from 1 (the request's ``attempt``); ``started`` is when
+    it began, in seconds since the epoch (UTC, to the microsecond), and
+    ``duration`` how long it took, in seconds. ``outcome`` is the answer's
+    status as a string (``"200"``, ``"503"``) or, when no answer came, the
+    error's type name (``"ConnectError"``, ``"DispatchTimeout"``). ``error``
+    is the error's message, secrets in URLs masked (``None`` for a success; a
+    2xx failure envelope is an answer with an error); ``body`` the first KiB
+    of the answer's body as text (``None`` when none came); ``worker`` is
+    ``host:pid`` of the process that ran it.
+    """
+
+    number: int
+    started: float
+    duration: float
+    outcome: str
+    status: int | None
+    error: str | None
+    body: str | None
+    worker: str
+
+    @property
+    def started_at(self) -> datetime:
+        """``started`` as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.started, timezone.utc)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data; ``started`` is an ISO 8601 string in UTC."""
+        return {
+            "number": self.number,
+            "started": self.started_at.isoformat(timespec="microseconds"),
+            "duration": self.duration,
+            "outcome": self.outcome,
+            "status": self.status,
+            "error": self.error,
+            "body": self.body,
+            "worker": self.worker,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Attempt:
+        """Read :meth:`to_dict`'s data back; anything malformed is a :class:`UsageError`.
+
+        Keys it does not know are ignored, so that a newer writer's records still read.
+        """
+        if not isinstance(data, Mapping):
+            raise UsageError(f"an attempt must be a mapping, not {type(data).__name__}")
+        for key, kinds in _ATTEMPT_KEYS.items():
+            if key not in data:
+                raise UsageError(f"an attempt needs {key!r}")
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise UsageError(f"attempt {key!r} has the wrong type: {value!r}")
+        number, duration = data["number"], data["duration"]
+        if number < 1:
+            raise UsageError(f"attempt 'number' counts from 1, got {number!r}")
+        if not 0 <= duration < math.inf:
+            raise UsageError(f"attempt 'duration' must be finite seconds >= 0, got {duration!r}")
+        return cls(
+            number=number,
+            started=_utc_seconds(data["started"]),
+            duration=float(duration),
+            outcome=data["outcome"],
+            status=data["status"],
+            error=data["error"],
+            body=data["body"],
+            worker=data["worker"],
+        )
+
+
+_NONE = type(None)
+_ATTEMPT_KEYS: dict[str, tuple[type, ...]] = {
+    "number": (int,),
+    "started": (str,),
+    "duration": (int, float),
+    "outcome": (str,),
+    "status": (int, _NONE),
+    "error": (str, _NONE),
+    "body": (str, _NONE),
+    "worker": (str,),
+}
+
+
+def _utc_seconds(text: str) -> float:
+    """Seconds since the epoch of an ISO 8601 time with its offset (``Z`` or ``+00:00``)."""
+    if text.endswith(("Z", "z")):  # datetime.fromisoformat reads "Z" from Python 3.11 on
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"attempt 'started' is not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise UsageError(f"attempt 'started' has no UTC offset: {text!r}")
+    return moment.timestamp()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """One call's pipeline, without I/O: what both dispatchers share.
 
-Building the request, the ``prepare_request`` and ``call_done`` hooks, turning
-an answer into a retval or an error, the retry policy, logging: all of it is
+Building the request, the per-call hooks, turning an answer into a retval or
+an error, the record of each attempt, the retry policy, logging: all of it is
 here, once. :class:`~dispatchkit.Dispatcher` (threads) and
 :class:`~dispatchkit.AsyncDispatcher` (asyncio) drive a :class:`Pipeline`;
 only sending a request and sleeping between attempts differ between them.
@@ -10,7 +10,9 @@ only sending a request and sleeping between attempts differ between them.
 from __future__ import annotations
 
 import logging
+import os
 import reprlib
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -18,7 +20,16 @@ from typing import Any, Generic, TypeVar
 import tenacity
 
 from dispatchkit._encoding import build_request, check_headers, new_task_id
-from dispatchkit._models import Call, Codec, Outcome, PluginInfo, Request, Response
+from dispatchkit._models import (
+    ATTEMPT_BODY_BYTES,
+    Attempt,
+    Call,
+    Codec,
+    Outcome,
+    PluginInfo,
+    Request,
+    Response,
+)
 from dispatchkit._plugins import build_manager
 from dispatchkit._responses import ResponseReader
 from dispatchkit._settings import Settings
@@ -81,6 +92,9 @@ class Pipeline:
         self._done = (
             hook.dispatchkit_call_done if self.implemented("dispatchkit_call_done") else None
         )
+        self._attempt_done = (
+            hook.dispatchkit_attempt_done if self.implemented("dispatchkit_attempt_done") else None
+        )
 
     def implemented(self, name: str) -> bool:
         return bool(getattr(self.pm.hook, name).get_hookimpls())
@@ -106,8 +120,15 @@ class Pipeline:
             raise exc.with_context(task_id, str(call.method).upper(), shown) from exc.__cause__
 
     def begin_attempt(self, request: Request) -> None:
-        """Count the attempt and let ``prepare_request`` hooks edit its headers."""
+        """Count the attempt, start its clock if it is recorded, run ``prepare_request`` hooks.
+
+        Every attempt begun ends in exactly one of :meth:`attempt_failed` (nothing
+        came back), :meth:`checked` raising (a non-2xx answer) or :meth:`retval`
+        (a 2xx answer, read once the retry policy is done): each records it.
+        """
         request.attempt += 1
+        if self._attempt_done is not None or request.attempts is not None:
+            request._began = (time.time(), time.perf_counter())
         if self._prepare is not None:
             try:
                 self._prepare(request=request)
@@ -115,19 +136,39 @@ class Pipeline:
                 # sent, the same way by both transports (http.client lets NUL through).
                 check_headers(request.headers)
             except DispatchError as exc:
-                exc.bind(request)
+                self.attempt_failed(request, exc)
                 raise
             except Exception as exc:
-                raise plugin_failure(exc, request) from exc
+                error = plugin_failure(exc, request)
+                self.attempt_failed(request, error)
+                raise error from exc
+
+    def attempt_failed(self, request: Request, error: DispatchError) -> None:
+        """The attempt got no answer: bind the call to ``error`` and record the attempt."""
+        error.bind(request)  # the retry policy decides on the call's method
+        if request._began is not None:
+            self._record(request, None, error)
 
     def checked(self, request: Request, response: Response) -> Response:
         """``response`` if it is a 2xx; else the error its status (or envelope) means."""
         if 200 <= response.status < 300:
-            return response
-        raise self.reader.status_error(request, response)
+            return response  # recorded by retval(), once its envelope is read
+        error = self.reader.status_error(request, response)
+        if request._began is not None:
+            self._record(request, response, error)
+        raise error
 
     def retval(self, request: Request, response: Response) -> Any:
-        return self.reader.retval(request, response)
+        """The retval of the 2xx answer to the last attempt, or the error its envelope means."""
+        if request._began is None:
+            return self.reader.retval(request, response)
+        try:
+            retval = self.reader.retval(request, response)
+        except DispatchError as exc:
+            self._record(request, response, exc)
+            raise
+        self._record(request, response, None)
+        return retval
 
     def succeeded(self, request: Request, retval: Any, started: float) -> None:
         if log.isEnabledFor(logging.INFO):
@@ -147,6 +188,35 @@ class Pipeline:
                 request, Outcome(None, error, time.perf_counter() - started, request.attempt)
             )
 
+    def _record(
+        self, request: Request, response: Response | None, error: DispatchError | None
+    ) -> None:
+        """Record the attempt that just ended: into the request's list, then to the hooks."""
+        assert request._began is not None
+        (started, clock), request._began = request._began, None
+        if response is not None:
+            outcome, status = str(response.status), response.status
+            body = response.body[:ATTEMPT_BODY_BYTES].decode("utf-8", "replace")
+        else:
+            outcome, status, body = type(error).__name__, None, None
+        attempt = Attempt(
+            number=request.attempt,
+            started=round(started, 6),  # what to_dict() keeps: records survive a round trip
+            duration=time.perf_counter() - clock,
+            outcome=outcome,
+            status=status,
+            error=None if error is None else str(error.bind(request)),
+            body=body,
+            worker=worker(),
+        )
+        if request.attempts is not None:
+            request.attempts.append(attempt)
+        if self._attempt_done is not None:
+            try:
+                self._attempt_done(request=request, attempt=attempt)
+            except Exception:
+                log.exception("a dispatchkit_attempt_done hook failed for task %s", request.task_id)
+
     def _report(self, request: Request, outcome: Outcome) -> None:
         assert self._done is not None
         try:
@@ -159,6 +229,20 @@ class Pipeline:
             media_type=media_type, dispatcher=self._owner
         )
         return codec
+
+
+_worker = (0, "")
+
+
+def worker() -> str:
+    """``host:pid`` of this process, for :attr:`Attempt.worker`; made again in a forked child."""
+    global _worker
+    pid, name = _worker
+    if pid != os.getpid():
+        pid = os.getpid()
+        name = f"{socket.gethostname()}:{pid}"
+        _worker = (pid, name)
+    return name
 
 
 def plugin_failure(exc: Exception, request: Request) -> DispatchError:

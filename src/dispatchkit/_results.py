@@ -5,9 +5,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import traceback as tb
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from dispatchkit._models import Attempt
 from dispatchkit.exceptions import ResultTimeout
 from dispatchkit.states import FAILURE, PENDING, STARTED, SUCCESS
 
@@ -19,14 +20,26 @@ class AsyncResult:
 
     ``future`` is the underlying :class:`concurrent.futures.Future`, so results
     compose with ``concurrent.futures.wait``/``as_completed`` and with asyncio
-    (``asyncio.wrap_future``).
+    (``asyncio.wrap_future``). ``attempts`` is the list the call appends its
+    attempts' records to (``Dispatcher.execute(call, attempts=...)``), if any.
     """
 
-    __slots__ = ("future", "id")
+    __slots__ = ("_attempts", "future", "id")
 
-    def __init__(self, task_id: str, future: concurrent.futures.Future[Any]) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        future: concurrent.futures.Future[Any],
+        attempts: Sequence[Attempt] = (),
+    ) -> None:
         self.id = task_id
         self.future = future
+        self._attempts = attempts
+
+    @property
+    def attempts(self) -> tuple[Attempt, ...]:
+        """The records of the call's attempts so far, oldest first (also while it runs)."""
+        return tuple(self._attempts)
 
     @property
     def state(self) -> str:

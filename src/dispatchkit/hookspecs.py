@@ -14,7 +14,8 @@ Hooks come in three groups:
   :func:`dispatchkit_transport` (and :func:`dispatchkit_async_transport` for
   the AsyncDispatcher), :func:`dispatchkit_codec`,
   :func:`dispatchkit_retry_policy`, :func:`dispatchkit_executor`;
-* per call: :func:`dispatchkit_prepare_request` (before each attempt) and
+* per call: :func:`dispatchkit_prepare_request` (before each attempt),
+  :func:`dispatchkit_attempt_done` (after each attempt) and
   :func:`dispatchkit_call_done` (after each call).
 """
 
@@ -29,7 +30,15 @@ if TYPE_CHECKING:
 
     from dispatchkit._async_dispatcher import AsyncDispatcher
     from dispatchkit._dispatcher import Dispatcher
-    from dispatchkit._models import AsyncTransport, Codec, Executor, Outcome, Request, Transport
+    from dispatchkit._models import (
+        AsyncTransport,
+        Attempt,
+        Codec,
+        Executor,
+        Outcome,
+        Request,
+        Transport,
+    )
     from dispatchkit._settings import Settings
 
 PROJECT = "dispatchkit"
@@ -145,6 +154,21 @@ def dispatchkit_prepare_request(request: Request) -> None:
     attempt. Raising a :class:`~dispatchkit.DispatchError` fails the call.
 
     :param request: the call about to be sent.
+    """
+
+
+@hookspec
+def dispatchkit_attempt_done(request: Request, attempt: Attempt) -> None:
+    """Called after **each** attempt of a call, retries included: observe what it got.
+
+    For logging and metrics per attempt (what a retried call met on the way).
+    Runs before the retry policy waits, and for the last attempt before
+    :func:`dispatchkit_call_done`; an exception raised here is logged, not
+    raised.
+
+    :param request: the call; ``request.attempt`` is ``attempt.number``.
+    :param attempt: the :class:`~dispatchkit.Attempt`: its number, start,
+        duration, outcome (status or error type), error message and body excerpt.
     """
 
 

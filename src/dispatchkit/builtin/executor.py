@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from dispatchkit._checks import count
-from dispatchkit._models import Call
+from dispatchkit._models import Attempt, Call
 from dispatchkit._results import AsyncResult
 from dispatchkit.exceptions import UsageError
 from dispatchkit.hookspecs import hookimpl
@@ -35,11 +35,12 @@ class ThreadExecutor:
         self.threads = threads
 
     def submit(self, call: Call) -> AsyncResult:
+        attempts: list[Attempt] = []  # filled on the pool's thread, read through the result
         try:
-            future = self._pool.submit(self._dispatcher.execute, call)
+            future = self._pool.submit(self._dispatcher.execute, call, attempts=attempts)
         except RuntimeError as exc:  # submitted after shutdown
             raise UsageError(f"the executor is shut down: {exc}") from exc
-        return AsyncResult(call.task_id, future)
+        return AsyncResult(call.task_id, future, attempts)
 
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait)
