@@ -1,16 +1,21 @@
-"""``dispatchkit call URL key=value ...``: one call, its retval printed as JSON."""
+"""``dispatchkit call URL key=value ...``: one call, its retval printed as JSON.
+
+With ``--each FILE``, one call per line of FILE (a JSON object of arguments),
+``--concurrency`` of them in flight, each retval a JSON line on stdout in input
+order; docs/cli.md has the line format, the outputs and the exit statuses.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
+from dispatchkit._call_each import DEFAULT_CONCURRENCY, TASK_ID, run_each, write_stdout
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._encoding import QUERY_METHODS, normalize_method
 from dispatchkit.exceptions import UsageError
@@ -21,8 +26,10 @@ __all__ = ["add_arguments", "parse_arguments", "parse_headers", "run"]
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # control characters, horizontal tab excepted
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# the task id travels as the Idempotency-Key header: visible ASCII, bounded
-_TASK_ID = re.compile(r"[!-~]{1,200}")
+
+
+#: The most calls in flight ``--concurrency`` allows.
+MAX_CONCURRENCY = 1024
 
 
 def _seconds(text: str) -> float:
@@ -32,6 +39,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be positive and finite: {text!r}")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_CONCURRENCY}: {text!r}")
     return value
 
 
@@ -62,18 +79,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task-id", help="the task id, sent as Idempotency-Key (default: a random uuid4 hex)"
     )
+    batch = parser.add_argument_group("batch mode")
+    batch.add_argument(
+        "--each",
+        metavar="FILE",
+        help="one call per line of FILE ('-': stdin), each line a JSON object of arguments "
+        "that override the key=value ones; one JSON line per call on stdout, in input order",
+    )
+    batch.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        metavar="N",
+        help=f"with --each: calls in flight at most (default: {DEFAULT_CONCURRENCY})",
+    )
+    batch.add_argument(
+        "--failures",
+        metavar="FILE",
+        help="with --each: write the failed lines to FILE, as lines --each takes back",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Make the call and print the retval; errors propagate as DispatchError."""
+    """Make the call and print the retval; errors propagate as DispatchError.
+
+    With ``--each``, make one call per line and return the exit status (0, 1 or 130).
+    """
     method = normalize_method(args.method or ("POST" if args.json else "GET"))
     if args.json and method in QUERY_METHODS:
         raise UsageError(f"--json needs a method with a body (POST, PUT, PATCH), not {method}")
     arguments = parse_arguments(args.arguments, json_values=args.json)
     headers = parse_headers(args.header)
     task_id = args.task_id
-    if task_id is not None and not _TASK_ID.fullmatch(task_id):
+    if task_id is not None and not TASK_ID.fullmatch(task_id):
         raise UsageError(f"--task-id {task_id!r}: use 1 to 200 visible ASCII characters")
+    if args.each is not None:
+        if task_id is not None:
+            raise UsageError('--task-id names one call: with --each a line has its own "$task_id"')
+        return run_each(args, method, arguments, headers)
+    for option, value in (("--concurrency", args.concurrency), ("--failures", args.failures)):
+        if value is not None:
+            raise UsageError(f"{option} needs --each")
     with Dispatcher(timeout=args.timeout) as dispatcher:
         retval = dispatcher.apply(
             args.url,
@@ -140,13 +185,4 @@ def parse_headers(lines: Sequence[str]) -> dict[str, str]:
 def _write_json(value: Any) -> None:
     options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
     # a codec plugin may hand back what JSON cannot hold: show it as text
-    data = orjson.dumps(value, option=options, default=str) + b"\n"
-    out = sys.stdout
-    out.flush()
-    buffer = getattr(out, "buffer", None)
-    if buffer is not None:  # UTF-8, whatever the locale's encoding
-        buffer.write(data)
-        buffer.flush()
-    else:
-        out.write(data.decode())
-        out.flush()
+    write_stdout(orjson.dumps(value, option=options, default=str) + b"\n")

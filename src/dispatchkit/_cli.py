@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         "call",
         help="call a task and print its retval as JSON",
         description="Call the task at URL and print its retval as JSON on stdout. "
-        "Arguments are key=value pairs; a repeated key sends a list.",
+        "Arguments are key=value pairs; a repeated key sends a list. With --each FILE, "
+        "one call per line of FILE (a JSON object of arguments), one JSON line per call out.",
     )
     _call_cli.add_arguments(call)
     call.set_defaults(handler=_call_cli.run)
