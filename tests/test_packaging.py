@@ -28,7 +28,7 @@ else:  # the test extra installs tomli on 3.10
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The plugins released with dispatchkit, in step with its version.
-IN_STEP = ["dispatchkit-celery", "dispatchkit-example"]
+IN_STEP = ["dispatchkit-celery", "dispatchkit-example", "dispatchkit-otel"]
 
 
 def pyproject(directory: Path) -> dict[str, Any]:

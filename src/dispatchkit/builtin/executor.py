@@ -9,6 +9,7 @@ timeout and retry budget, so the wait is too).
 
 from __future__ import annotations
 
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -36,8 +37,13 @@ class ThreadExecutor:
 
     def submit(self, call: Call) -> AsyncResult:
         attempts: list[Attempt] = []  # filled on the pool's thread, read through the result
+        # The call runs in the submitter's context (as an asyncio task would): its context
+        # variables, a tracing span for one, reach the hooks on the pool's thread.
+        context = contextvars.copy_context()
         try:
-            future = self._pool.submit(self._dispatcher.execute, call, attempts=attempts)
+            future = self._pool.submit(
+                context.run, self._dispatcher.execute, call, attempts=attempts
+            )
         except RuntimeError as exc:  # submitted after shutdown
             raise UsageError(f"the executor is shut down: {exc}") from exc
         return AsyncResult(call.task_id, future, attempts)
