@@ -21,6 +21,7 @@ import inspect
 import re
 import sys
 import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ GROUPS = {
     "Calling": ["Dispatcher", "Settings", "default_dispatcher", "__version__"],
     "Asynchronous calls": ["AsyncResult", "Result", "Call", "states"],
     "Celery's older API": ["URL", "HttpDispatchTask"],
+    "Endpoint isolation": ["Endpoints", "EndpointState", "EndpointGuard", "Admission", "Verdict"],
     "What plugins see and provide": [
         "hookimpl",
         "Request",
@@ -247,6 +249,16 @@ def comment_doc(module: types.ModuleType, name: str) -> tuple[str, str]:
     return "", ""
 
 
+def alias_doc(name: str) -> str:
+    """The ``#:`` comment of a type alias, from the dispatchkit module that assigns it."""
+    for module_name, module in sorted(sys.modules.items()):
+        if module_name.startswith("dispatchkit.") and module is not None:
+            doc, source = comment_doc(module, name)
+            if source:
+                return doc
+    return ""
+
+
 def describe(name: str, obj: object, module: types.ModuleType) -> str:
     """The section of one public object, headed ``### `name` ``."""
     parts = [f"### `{name}`", ""]
@@ -267,6 +279,10 @@ def describe(name: str, obj: object, module: types.ModuleType) -> str:
     elif inspect.isfunction(obj):
         parts += [code(f"def {name}{parameters(obj)}"), ""]
         if doc := markdown(obj.__doc__):
+            parts += [doc, ""]
+    elif typing.get_origin(obj) is not None:  # a type alias: Literal[...], X | Y
+        parts += [code(f"{name} = {public(repr(obj)).replace('typing.', '')}"), ""]
+        if doc := alias_doc(name):
             parts += [doc, ""]
     else:
         doc, source = comment_doc(module, name)

@@ -6,6 +6,7 @@ from dispatchkit import states
 from dispatchkit._async_dispatcher import AsyncDispatcher
 from dispatchkit._compat import URL, HttpDispatchTask, default_dispatcher
 from dispatchkit._dispatcher import Dispatcher
+from dispatchkit._endpoints import Admission, EndpointGuard, Endpoints, EndpointState, Verdict
 from dispatchkit._models import (
     AsyncTransport,
     Attempt,
@@ -24,11 +25,13 @@ from dispatchkit._results import AsyncResult
 from dispatchkit._settings import Settings
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import (
+    CircuitOpenError,
     ConnectError,
     DispatchError,
     DispatchTimeout,
     EgressDenied,
     EncodeError,
+    EndpointDisabledError,
     HTTPStatusError,
     InvalidResponseError,
     PluginLoadError,
@@ -43,11 +46,13 @@ from dispatchkit.exceptions import (
 from dispatchkit.hookspecs import hookimpl
 
 __all__ = [
+    "Admission",
     "AsyncDispatcher",
     "AsyncResult",
     "AsyncTransport",
     "Attempt",
     "Call",
+    "CircuitOpenError",
     "Codec",
     "ConnectError",
     "DispatchError",
@@ -55,6 +60,10 @@ __all__ = [
     "Dispatcher",
     "EgressDenied",
     "EncodeError",
+    "EndpointDisabledError",
+    "EndpointGuard",
+    "EndpointState",
+    "Endpoints",
     "Envelope",
     "Executor",
     "HTTPStatusError",
@@ -76,6 +85,7 @@ __all__ = [
     "URL",
     "UnknownStatusError",
     "UsageError",
+    "Verdict",
     "__version__",
     "default_dispatcher",
     "hookimpl",

@@ -10,6 +10,7 @@ from typing import Any
 
 import tenacity
 
+from dispatchkit._endpoints import Endpoints
 from dispatchkit._models import AsyncTransport, Attempt, Call, PluginInfo, Request, Response
 from dispatchkit._pipeline import AsyncAfterFailure, Pipeline, plugin_failure, scheme_of
 from dispatchkit._redirects import SCHEMES
@@ -159,6 +160,11 @@ class AsyncDispatcher:
         """Every registered plugin: name, distribution, version and the hooks it implements."""
         return self._pipeline.plugins
 
+    @property
+    def endpoints(self) -> Endpoints:
+        """The endpoint guard's state per origin: ``list()``, ``enable(url)``, ``reset(origin)``."""
+        return self._pipeline.endpoints
+
     async def aclose(self) -> None:
         """Close every transport (their connections) and the plugins; safe to call twice."""
         if self._closed:
@@ -191,16 +197,17 @@ class AsyncDispatcher:
         if self._closed:
             raise UsageError("this AsyncDispatcher is closed", request=request)
         pipeline = self._pipeline
+        attempt = self._attempt if pipeline.guard is None else self._guarded_attempt
         started = time.perf_counter()
         try:
             transport = self._transport_for(request)
             try:
-                response = await self._attempt(request, transport)
+                response = await attempt(request, transport)
             except DispatchError as first:
                 if self._retrying is None:
                     raise
                 response = await self._retrying.copy()(
-                    AsyncAfterFailure(first, lambda: self._attempt(request, transport))
+                    AsyncAfterFailure(first, lambda: attempt(request, transport))
                 )
             retval = pipeline.retval(request, response)
         except DispatchError as exc:
@@ -222,6 +229,23 @@ class AsyncDispatcher:
             pipeline.attempt_failed(request, error)
             raise error from exc
         return pipeline.checked(request, response)
+
+    async def _guarded_attempt(self, request: Request, transport: AsyncTransport) -> Response:
+        """:meth:`_attempt` once the endpoint guard admits it (awaiting, never blocking the loop).
+
+        The slot is given back however the attempt ends, a cancellation included.
+        """
+        pipeline = self._pipeline
+        while wait := pipeline.admit(request):
+            await asyncio.sleep(wait)
+        error: BaseException | None = None
+        try:
+            return await self._attempt(request, transport)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            pipeline.report(request, error)
 
     def _transport_for(self, request: Request) -> AsyncTransport:
         transport = self._transports.get(request.url.partition(":")[0])

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any
 
 from dispatchkit._encoding import new_task_id
+from dispatchkit._endpoints import Endpoints
 from dispatchkit._models import (
     Attempt,
     Call,
@@ -189,6 +190,11 @@ class Dispatcher:
         """Every registered plugin: name, distribution, version and the hooks it implements."""
         return self._pipeline.plugins
 
+    @property
+    def endpoints(self) -> Endpoints:
+        """The endpoint guard's state per origin: ``list()``, ``enable(url)``, ``reset(origin)``."""
+        return self._pipeline.endpoints
+
     def close(self) -> None:
         """Release every resource (executor, transports, plugins'); safe to call twice.
 
@@ -230,16 +236,17 @@ class Dispatcher:
         if self._closed:
             raise UsageError("this Dispatcher is closed", request=request)
         pipeline = self._pipeline
+        attempt = self._attempt if pipeline.guard is None else self._guarded_attempt
         started = time.perf_counter()
         try:
             transport = self._transport_for(request)
             try:
-                response = self._attempt(request, transport)
+                response = attempt(request, transport)
             except DispatchError as first:
                 if pipeline.retrying is None:
                     raise
                 response = pipeline.retrying(
-                    AfterFailure(first, lambda: self._attempt(request, transport))
+                    AfterFailure(first, lambda: attempt(request, transport))
                 )
             retval = pipeline.retval(request, response)
         except DispatchError as exc:
@@ -261,6 +268,20 @@ class Dispatcher:
             pipeline.attempt_failed(request, error)
             raise error from exc
         return pipeline.checked(request, response)
+
+    def _guarded_attempt(self, request: Request, transport: Transport) -> Response:
+        """:meth:`_attempt` once the endpoint guard admits it (waiting in this thread)."""
+        pipeline = self._pipeline
+        while wait := pipeline.admit(request):
+            time.sleep(wait)
+        error: BaseException | None = None
+        try:
+            return self._attempt(request, transport)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            pipeline.report(request, error)
 
     def _transport_for(self, request: Request) -> Transport:
         transport = self._transports.get(request.url.partition(":")[0])

@@ -6,10 +6,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from dispatchkit._redact import excerpt, mask_url
 from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError, UsageError
+
+if TYPE_CHECKING:
+    from dispatchkit._endpoints import Ticket
 
 #: The two statuses of an envelope.
 STATUS_SUCCESS: Literal["success"] = "success"
@@ -41,6 +44,8 @@ class Request:
     # (time.time(), time.perf_counter()) when the current attempt began, while attempts
     # are recorded (a list or a dispatchkit_attempt_done hook); else None, and no clock read.
     _began: tuple[float, float] | None = field(default=None, init=False)
+    # The call's keys and slot with the endpoint guard, when there is one.
+    _ticket: Ticket | None = field(default=None, init=False)
 
     def __repr__(self) -> str:
         headers = {

@@ -1,10 +1,11 @@
 """One call's pipeline, without I/O: what both dispatchers share.
 
 Building the request, the per-call hooks, turning an answer into a retval or
-an error, the record of each attempt, the retry policy, logging: all of it is
-here, once. :class:`~dispatchkit.Dispatcher` (threads) and
-:class:`~dispatchkit.AsyncDispatcher` (asyncio) drive a :class:`Pipeline`;
-only sending a request and sleeping between attempts differ between them.
+an error, the record of each attempt, the retry policy, the endpoint guard's
+admissions and reports, logging: all of it is here, once.
+:class:`~dispatchkit.Dispatcher` (threads) and :class:`~dispatchkit.AsyncDispatcher`
+(asyncio) drive a :class:`Pipeline`; only sending a request and sleeping (between
+attempts, and while the guard says wait) differ between them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from typing import Any, Generic, TypeVar
 import tenacity
 
 from dispatchkit._encoding import build_request, check_headers, new_task_id
+from dispatchkit._endpoints import (
+    EndpointGuard,
+    Endpoints,
+    Ticket,
+    endpoint_key,
+    refusal,
+    verdict_of,
+)
 from dispatchkit._models import (
     ATTEMPT_BODY_BYTES,
     Attempt,
@@ -33,7 +42,7 @@ from dispatchkit._models import (
 from dispatchkit._plugins import build_manager
 from dispatchkit._responses import ResponseReader
 from dispatchkit._settings import Settings
-from dispatchkit.exceptions import DispatchError, UsageError
+from dispatchkit.exceptions import DispatchError, DispatchTimeout, UsageError
 
 log = logging.getLogger("dispatchkit")
 
@@ -42,6 +51,8 @@ TASK_NAME = "dispatchkit.HttpDispatchTask"
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 200
 _short = _repr.repr
+#: The shortest wait between two admissions of one attempt (a guard's "wait 0" is no spin).
+MIN_WAIT = 0.001
 
 T = TypeVar("T")
 
@@ -83,6 +94,13 @@ class Pipeline:
                 f"dispatchkit_retry_policy returned {retrying!r}, not a tenacity.Retrying"
             )
         self.retrying: tenacity.Retrying | None = retrying
+        guard = hook.dispatchkit_endpoint_guard(settings=self.settings)
+        if guard is not None and not isinstance(guard, EndpointGuard):
+            self.close_plugins()
+            raise UsageError(f"dispatchkit_endpoint_guard returned {guard!r}, not an EndpointGuard")
+        #: ``None`` unless a plugin guards endpoints: then the drivers admit each attempt.
+        self.guard: EndpointGuard | None = guard
+        self.endpoints = Endpoints(guard)
         # Only the per-call hooks someone implements are called: pluggy stays off the hot path.
         self._prepare = (
             hook.dispatchkit_prepare_request
@@ -169,6 +187,76 @@ class Pipeline:
             raise
         self._record(request, response, None)
         return retval
+
+    # -- the endpoint guard (only when self.guard is not None) --------------------------
+
+    def admit(self, request: Request) -> float:
+        """Ask the guard for the next attempt of ``request``: ``0.0`` once it may start.
+
+        Otherwise the seconds to wait before asking again. An admitted attempt
+        holds its slot until :meth:`report`. A refusal is raised, recorded as a
+        failed attempt (nothing was sent): :class:`~dispatchkit.CircuitOpenError`,
+        :class:`~dispatchkit.EndpointDisabledError`, or a
+        :class:`~dispatchkit.DispatchTimeout` when the wait would end past the
+        call's timeout.
+        """
+        guard = self.guard
+        assert guard is not None
+        try:
+            ticket = request._ticket
+            if ticket is None:
+                ticket = request._ticket = Ticket(*endpoint_key(request.url))
+            admission = guard.admit(ticket.origin, ticket.endpoint, time.time())
+        except DispatchError as exc:
+            raise self._refused(request, exc) from exc.__cause__
+        except Exception as exc:
+            raise self._refused(request, plugin_failure(exc, request)) from exc
+        if admission.verdict == "go":
+            ticket.held, ticket.probe, ticket.since = True, admission.probe, None
+            return 0.0
+        if admission.verdict != "wait":
+            raise self._refused(request, refusal(admission, ticket.origin, ticket.endpoint))
+        now = time.monotonic()
+        if ticket.since is None:
+            ticket.since = now
+        if admission.wait <= ticket.since + request.timeout - now:
+            return max(admission.wait, MIN_WAIT)
+        waited, ticket.since = now - ticket.since, None
+        raise self._refused(
+            request,
+            DispatchTimeout(
+                f"no slot at {ticket.origin} within the call's timeout ({request.timeout:g} s, "
+                f"waited {waited:.2g} s): {admission.reason or 'the guard said wait'}; "
+                "nothing was sent"
+            ),
+        )
+
+    def report(self, request: Request, error: BaseException | None) -> None:
+        """Tell the guard how an admitted attempt ended (``None``: a 2xx answer); frees its slot.
+
+        Whatever the error (a plugin's, a cancellation): the slot is never kept.
+        """
+        ticket = request._ticket
+        if ticket is None or not ticket.held:
+            return
+        ticket.held = False
+        assert self.guard is not None
+        try:
+            self.guard.report(
+                ticket.origin, ticket.endpoint, verdict_of(error), time.time(), probe=ticket.probe
+            )
+        except Exception:
+            log.exception("the endpoint guard failed to take a report for task %s", request.task_id)
+
+    def _refused(self, request: Request, error: DispatchError) -> DispatchError:
+        """The guard refused an attempt: it counts as one, failed before anything was sent."""
+        request.attempt += 1
+        if self._attempt_done is not None or request.attempts is not None:
+            request._began = (time.time(), time.perf_counter())
+        self.attempt_failed(request, error)
+        return error
+
+    # -- the end of a call -------------------------------------------------------------
 
     def succeeded(self, request: Request, retval: Any, started: float) -> None:
         if log.isEnabledFor(logging.INFO):

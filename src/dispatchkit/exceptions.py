@@ -8,7 +8,9 @@
     ├── EncodeError               (an argument cannot be encoded; also a TypeError)
     ├── TransportError            (nothing usable came back)
     │   ├── ConnectError          (also a builtin ConnectionError)
-    │   └── DispatchTimeout       (connect or read; also a builtin TimeoutError)
+    │   ├── DispatchTimeout       (connect or read; also a builtin TimeoutError)
+    │   ├── CircuitOpenError      (the origin's circuit breaker is open; .retry_at)
+    │   └── EndpointDisabledError (the URL answered 410 Gone and is disabled)
     ├── HTTPStatusError           (non-2xx, no envelope)
     ├── InvalidResponseError      (the body is not a valid envelope)
     │   ├── UnknownStatusError
@@ -26,6 +28,7 @@ context, so they cross process boundaries intact; the :class:`Request` itself
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +38,13 @@ if TYPE_CHECKING:
     from dispatchkit._models import Request
 
 __all__ = [
+    "CircuitOpenError",
     "ConnectError",
     "DispatchError",
     "DispatchTimeout",
     "EgressDenied",
     "EncodeError",
+    "EndpointDisabledError",
     "HTTPStatusError",
     "InvalidResponseError",
     "PluginLoadError",
@@ -173,7 +178,41 @@ class ConnectError(TransportError, ConnectionError):
 
 
 class DispatchTimeout(TransportError, TimeoutError):
-    """Connecting, waiting for a pooled connection, or reading took too long."""
+    """Connecting, reading, or waiting (for a pooled connection, a rate limit) took too long."""
+
+
+class CircuitOpenError(TransportError):
+    """The circuit breaker of the call's origin is open: nothing was sent.
+
+    ``origin`` is the origin (``scheme://host:port``); ``retry_at`` is when the
+    breaker lets its next probe through, in seconds since the epoch (``retry_in``:
+    the seconds left until then). Never ``transient``: the built-in retry policy
+    does not retry into an open breaker.
+    """
+
+    def __init__(
+        self, message: str, *, origin: str, retry_at: float, request: Request | None = None
+    ) -> None:
+        super().__init__(message, request=request, transient=False)
+        self.origin = origin
+        self.retry_at = retry_at
+
+    @property
+    def retry_in(self) -> float:
+        """Seconds until ``retry_at`` (0 once it has passed)."""
+        return max(0.0, self.retry_at - time.time())
+
+
+class EndpointDisabledError(TransportError):
+    """The URL (``endpoint``, without its query) answered ``410 Gone`` and is disabled.
+
+    Nothing was sent. It stays disabled until ``dispatcher.endpoints.enable(url)``;
+    never ``transient``.
+    """
+
+    def __init__(self, message: str, *, endpoint: str, request: Request | None = None) -> None:
+        super().__init__(message, request=request, transient=False)
+        self.endpoint = endpoint
 
 
 class HTTPStatusError(DispatchError):
@@ -275,6 +314,8 @@ _BY_NAME: dict[str, type[DispatchError]] = {
         TransportError,
         ConnectError,
         DispatchTimeout,
+        CircuitOpenError,
+        EndpointDisabledError,
         HTTPStatusError,
         InvalidResponseError,
         UnknownStatusError,

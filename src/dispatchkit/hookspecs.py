@@ -13,7 +13,8 @@ Hooks come in three groups:
 * strategy factories, ``firstresult``, called once and cached per Dispatcher:
   :func:`dispatchkit_transport` (and :func:`dispatchkit_async_transport` for
   the AsyncDispatcher), :func:`dispatchkit_codec`,
-  :func:`dispatchkit_retry_policy`, :func:`dispatchkit_executor`;
+  :func:`dispatchkit_retry_policy`, :func:`dispatchkit_endpoint_guard`,
+  :func:`dispatchkit_executor`;
 * per call: :func:`dispatchkit_prepare_request` (before each attempt),
   :func:`dispatchkit_attempt_done` (after each attempt) and
   :func:`dispatchkit_call_done` (after each call).
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from dispatchkit._async_dispatcher import AsyncDispatcher
     from dispatchkit._dispatcher import Dispatcher
+    from dispatchkit._endpoints import EndpointGuard
     from dispatchkit._models import (
         AsyncTransport,
         Attempt,
@@ -125,6 +127,21 @@ def dispatchkit_retry_policy(settings: Settings) -> tenacity.Retrying | None:
     policy's predicates see the exception of a failed attempt, a
     :class:`~dispatchkit.DispatchError` whose ``.request`` is the call;
     ``reraise=True`` is expected. Stops at the first non-``None`` result.
+
+    :param settings: the Dispatcher's :class:`~dispatchkit.Settings`.
+    """
+
+
+@hookspec(firstresult=True)
+def dispatchkit_endpoint_guard(settings: Settings) -> EndpointGuard | None:
+    """Return the :class:`~dispatchkit.EndpointGuard` that isolates endpoints, or ``None``.
+
+    Called once per Dispatcher (and AsyncDispatcher), after
+    :func:`dispatchkit_configure`; the answer is kept for the dispatcher's
+    life. With a guard, every attempt is admitted by ``guard.admit`` before it
+    starts (it may wait, or fail fast) and reported to ``guard.report`` after
+    it; with none (the default), nothing is asked. Stops at the first
+    non-``None`` result.
 
     :param settings: the Dispatcher's :class:`~dispatchkit.Settings`.
     """

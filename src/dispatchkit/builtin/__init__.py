@@ -12,6 +12,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "async_transport",
     "codec",
     "retry",
+    "endpoints",
     "executor",
 )
 #: Built-in plugins loaded only when their setting is given (module name: setting), so

@@ -8,6 +8,11 @@
   HTTP date) replaces the backoff, capped at ``retry_after_cap``.
 * Bounded by ``retry_attempts`` and by ``retry_max_time``: no attempt starts
   whose wait would end past it.
+* Never into an open circuit breaker or a disabled URL: ``CircuitOpenError`` and
+  ``EndpointDisabledError`` are not ``transient``, so they end the call at once
+  (an open breaker's cool-down is seconds to minutes, past any retry budget; the
+  caller gets ``retry_at`` and may come back then). A wait for the rate limit or
+  a slot that ran out of time is a ``DispatchTimeout``, retried like any timeout.
 """
 
 from __future__ import annotations
