@@ -67,7 +67,9 @@ def test_post_and_the_compat_url(celery_dispatcher: Dispatcher, peer: str) -> No
     assert echo["args"] == {"a": ["1", "2"]}
 
 
-def test_errors_arrive_with_type_and_reason(celery_dispatcher: Dispatcher, peer: str) -> None:
+def test_errors_arrive_with_type_and_reason(
+    celery_dispatcher: Dispatcher, peer: str, redis_url: str
+) -> None:
     failing: Any = celery_dispatcher.apply_async(
         f"{peer}/fail500", "POST", {"reason": "disk full"}, task_id="celery-fail-1"
     )
@@ -87,8 +89,15 @@ def test_errors_arrive_with_type_and_reason(celery_dispatcher: Dispatcher, peer:
     assert http.value.status == 404
     assert http.value.body_excerpt == b"nope 404"
 
-    with pytest.raises(ConnectError):
-        celery_dispatcher.submit("http://127.0.0.1:9/unreachable").get(timeout=60)
+    # A connect error is retried under the durable schedule (tests/test_delivery.py);
+    # without one, a worker makes one attempt, never retrying inside itself.
+    with (
+        Dispatcher(
+            executor="celery", celery_broker=redis_url, celery_queue=QUEUE, retry_schedule=None
+        ) as once,
+        pytest.raises(ConnectError),
+    ):
+        once.submit("http://127.0.0.1:9/unreachable").get(timeout=60)
 
 
 def test_get_with_a_timeout(celery_dispatcher: Dispatcher, peer: str) -> None:

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
 import celery.exceptions
+import redis
 from celery import Celery
 from celery.result import AsyncResult as CeleryAsyncResult
 
 from dispatchkit import Call, DispatchError, ResultTimeout, UsageError, states
+from dispatchkit._redact import mask_url
 from dispatchkit.exceptions import error_from_dict
-from dispatchkit_celery._app import DEFAULT_QUEUE, QUEUE_ENV, TASK_NAME, CarriedError, make_app
+from dispatchkit_celery._app import make_app
+from dispatchkit_celery._config import DEFAULT_QUEUE, QUEUE_ENV, is_redis
+from dispatchkit_celery._ledger import Ledger
+from dispatchkit_celery._schedule import RetrySchedule
+from dispatchkit_celery._wire import TASK_NAME, CarriedError, Waiting, message_kwargs
 
 # Celery has more states than dispatchkit; the extra ones map to the nearest.
 _STATES = {
     "PENDING": states.PENDING,
     "RECEIVED": states.PENDING,
     "STARTED": states.STARTED,
-    "RETRY": states.STARTED,
+    "RETRY": states.RETRY,
     "SUCCESS": states.SUCCESS,
     "FAILURE": states.FAILURE,
     "REVOKED": states.FAILURE,
@@ -59,6 +66,15 @@ class CeleryResult:
     def state(self) -> str:
         return _STATES.get(self._result.state, states.PENDING)
 
+    @property
+    def due(self) -> float | None:
+        """While ``RETRY``: when the next attempt is due, in unix seconds; else ``None``."""
+        meta = self._result.backend.get_task_meta(self._result.id)
+        waiting = meta.get("result")
+        if meta.get("status") == "RETRY" and isinstance(waiting, Waiting):
+            return waiting.due
+        return None
+
     def ready(self) -> bool:
         return self.state in states.READY_STATES
 
@@ -88,6 +104,9 @@ class CeleryResult:
 
     @property
     def result(self) -> Any:
+        """The retval, or the error of a failed call; ``None`` while not ready."""
+        if not self._result.ready():
+            return None
         value = self._result.result
         return _original(value) if isinstance(value, BaseException) else value
 
@@ -101,7 +120,11 @@ class CeleryResult:
 
 
 class CeleryExecutor:
-    """Sends each call as one ``dispatchkit.http_dispatch`` message; its id is the task id."""
+    """Sends each call as a ``dispatchkit.http_dispatch`` message; its id is the task id.
+
+    ``retries`` (``None``: one attempt) travels in the message: the workers
+    follow the schedule of the caller that submitted the call.
+    """
 
     def __init__(
         self,
@@ -110,6 +133,8 @@ class CeleryExecutor:
         backend: str | None = None,
         queue: str | None = None,
         get_timeout: float = 300.0,
+        retries: RetrySchedule | None = None,
+        delivery_redis: str | None = None,
     ) -> None:
         if app is not None and not isinstance(app, Celery):
             raise UsageError(f"setting 'celery_app' must be a Celery app, got {app!r}")
@@ -117,14 +142,53 @@ class CeleryExecutor:
         self.app = app if app is not None else make_app(broker, backend)
         self.queue = queue or os.environ.get(QUEUE_ENV) or DEFAULT_QUEUE
         self._get_timeout = float(get_timeout)
+        self._schedule = retries.to_dict() if retries is not None else None
+        self._resend_after = retries.resend_after if retries is not None else 0.0
+        self._ledger = None if retries is None else Ledger(ledger_url(self.app, delivery_redis))
 
     def submit(self, call: Call) -> CeleryResult:
-        result = self.app.send_task(
-            TASK_NAME, args=[call.to_dict()], task_id=call.task_id, queue=self.queue
-        )
+        data, ledger, schedule = call.to_dict(), self._ledger, self._schedule
+        if ledger is not None and schedule is not None:
+            # In the ledger first: if the message is lost on its way, it is sent again.
+            ledger.enqueue(call.task_id, data, schedule, self.queue, self._resend_after)
+        try:
+            result = self.app.send_task(
+                TASK_NAME,
+                args=[data],
+                kwargs=message_kwargs(1, schedule),
+                task_id=call.task_id,
+                queue=self.queue,
+            )
+        except BaseException:
+            if ledger is not None:
+                with contextlib.suppress(redis.RedisError):
+                    ledger.forget(call.task_id)  # the caller gets the error: not sent
+            raise
         return CeleryResult(result, self._get_timeout)
 
     def shutdown(self, wait: bool = True) -> None:
         # Calls already sent are the broker's now: they run whether we wait or not.
+        if self._ledger is not None:
+            self._ledger.close()
         if self._own_app:
             self.app.close()
+
+
+def ledger_url(app: Celery, delivery_redis: str | None) -> str:
+    """The ledger's Redis: ``delivery_redis``, else the broker if it is Redis."""
+    broker = str(app.conf.broker_url or "")
+    if delivery_redis is not None:
+        if not (isinstance(delivery_redis, str) and is_redis(delivery_redis)):
+            raise UsageError(
+                "setting 'delivery_redis' must be a redis:// or rediss:// URL, "
+                f"got {delivery_redis!r}"
+            )
+        return delivery_redis
+    if is_redis(broker):
+        return broker
+    raise UsageError(
+        "durable retry schedules keep calls in a Redis ledger, and the broker "
+        f"{mask_url(broker)!r} is not Redis: give the ledger's URL with the setting "
+        "'delivery_redis' (the workers need the same one), or turn durable retries off "
+        "with retry_schedule=None"
+    )

@@ -1,0 +1,49 @@
+"""What travels between the caller and the workers: the task, its message, its states.
+
+A message of task ``dispatchkit.http_dispatch`` has one positional argument,
+the call as plain JSON (``Call.to_dict()``), and three keyword arguments:
+``attempt`` (from 1), ``schedule`` (``RetrySchedule.to_dict()``, or ``None``
+when the durable schedule is off) and ``token``, unique to the message (a
+copy the broker hands back after a crash keeps it). Its Celery task id is the
+dispatchkit task id, sent as ``Idempotency-Key`` on every attempt.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+TASK_NAME = "dispatchkit.http_dispatch"
+
+
+def message_kwargs(attempt: int, schedule: dict[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments of a new message of attempt ``attempt``."""
+    return {"attempt": attempt, "schedule": schedule, "token": uuid.uuid4().hex}
+
+
+class CarriedError(Exception):
+    """A dispatchkit error on its way from a worker, as JSON in ``args[0]``.
+
+    Celery's JSON serializer keeps only an exception's type name and args; the
+    caller's result handle turns this back into the original error, with its
+    type, reason and context (see ``dispatchkit.exceptions.error_from_dict``).
+    """
+
+
+class Waiting(Exception):
+    """The meta of Celery state ``RETRY``: attempt ``args[1]`` is due at ``args[0]``.
+
+    An exception because Celery reads the meta of ``RETRY`` as one; it is never
+    raised. ``args[0]`` is in unix seconds.
+    """
+
+    def __init__(self, due: float, attempt: int) -> None:
+        super().__init__(due, attempt)
+
+    @property
+    def due(self) -> float:
+        return float(self.args[0])
+
+    @property
+    def attempt(self) -> int:
+        return int(self.args[1])
