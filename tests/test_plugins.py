@@ -146,7 +146,7 @@ def test_builtins_are_listed_as_builtin(dispatcher: Dispatcher) -> None:
     for p in builtins:
         assert p.distribution == "dispatchkit"
         assert p.version == dispatchkit.__version__
-    assert info(dispatcher, "transport").hooks == ("dispatchkit_transport",)
+    assert info(dispatcher, "transport").hooks == ("dispatchkit_configure", "dispatchkit_transport")
     assert info(dispatcher, "codec").hooks == ("dispatchkit_codec",)
     assert info(dispatcher, "retry").hooks == ("dispatchkit_retry_policy",)
 

@@ -209,6 +209,17 @@ class EgressPolicy:
     def host_allowed(self, host: str) -> bool:
         return host.lower().rstrip(".").strip("[]") in self.hosts
 
+    def refuses_literal(self, host: str) -> bool:
+        """True for an address-literal ``host`` the policy refuses; a name is never refused here.
+
+        Behind a proxy this is all there is to check: the proxy resolves names.
+        """
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return not (self.permits(ip) or self.host_allowed(host))
+
     def __repr__(self) -> str:
         allowed = [*map(str, self.networks), *sorted(self.hosts)]
         return f"EgressPolicy(public, allow={allowed})"

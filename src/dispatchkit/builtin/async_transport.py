@@ -10,6 +10,18 @@ every aiohttp error translated here, once, into the dispatchkit hierarchy.
 aiohttp is the optional extra ``dispatchkit[async]``; without it an
 AsyncDispatcher cannot be built (a :class:`~dispatchkit.UsageError` says which
 extra to install).
+
+Proxies come from the same ``proxy`` / ``trust_env`` settings and environment
+as the sync transport (:mod:`dispatchkit.builtin._proxy`), decided once per
+origin and handed to aiohttp per request: ``proxy=``, and the credentials in
+``proxy_headers`` for a ``CONNECT`` or in the request's own headers for a
+forwarded http request (aiohttp's ``proxy_auth`` is deprecated). The session
+never reads the environment itself (``trust_env=False``: aiohttp would also
+read ``~/.netrc``). SOCKS is refused: aiohttp has none, and the add-on
+that brings it (aiohttp-socks) replaces the connector's resolver, where the
+egress policy is checked, and proxies a whole connector rather than one
+request, so ``NO_PROXY`` would need a second session. On Python 3.10 an
+``https://`` proxy serves http URLs only: asyncio has TLS in TLS from 3.11.
 """
 
 from __future__ import annotations
@@ -18,13 +30,20 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, NoReturn
+import sys
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from dispatchkit._egress import EgressPolicy
 from dispatchkit._encoding import SENT_AS_IS
 from dispatchkit._models import Request, Response
 from dispatchkit._redirects import REDIRECT_STATUSES, SCHEMES, next_hop
-from dispatchkit.builtin.transport import CHUNK, DEADLINE_FACTOR, body_too_large
+from dispatchkit.builtin._proxy import SOCKS_EXTRA, Proxy, ProxyRoutes, proxy_routes
+from dispatchkit.builtin.transport import (
+    CHUNK,
+    DEADLINE_FACTOR,
+    PROXY_AUTHENTICATION_REQUIRED,
+    body_too_large,
+)
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchError,
@@ -58,8 +77,13 @@ def import_aiohttp() -> Any:
 class AiohttpTransport:
     """Sends requests over an aiohttp session made in the event loop that first uses it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, routes: ProxyRoutes | None = None) -> None:
         self._aiohttp = import_aiohttp()
+        self._routes = routes
+        # origin (scheme, host, port) -> its proxy, or None to go direct.
+        self._proxies: dict[tuple[str, str | None, int | None], _Via | None] = {}
+        if routes is not None:
+            _check_routes(routes)
         self._settings = settings
         self._limit = settings.max_response_bytes
         self._follow = settings.follow_redirects
@@ -80,12 +104,14 @@ class AiohttpTransport:
             raise UsageError("an AsyncDispatcher is bound to the event loop that first used it")
         lib = self._aiohttp
         settings = self._settings
+        # The proxies' own names: the operator chose them, so the egress policy lets them resolve.
+        trusted = frozenset(() if self._routes is None else (p.host for p in self._routes.proxies))
         connector = lib.TCPConnector(
             limit=0,  # no bound over all hosts; per host, like the sync pools:
             limit_per_host=settings.pool_maxsize,
             ssl=_ssl_context(settings),
             force_close=not settings.keep_alive,
-            resolver=None if self._policy is None else _EgressResolver(lib, self._policy),
+            resolver=None if self._policy is None else _EgressResolver(lib, self._policy, trusted),
             ttl_dns_cache=10,
         )
         session: aiohttp.ClientSession = lib.ClientSession(
@@ -96,6 +122,7 @@ class AiohttpTransport:
             skip_auto_headers=("Accept", "User-Agent"),
             cookie_jar=lib.DummyCookieJar(),
             auto_decompress=True,
+            trust_env=False,  # proxies are ours to choose (and ~/.netrc is not read)
         )
         self._session, self._loop = session, loop
         return session
@@ -120,20 +147,41 @@ class AiohttpTransport:
         timeout = self._timeout(request.timeout)
         url, method, body = request.url, request.method, request.body
         headers: Any = request.headers
+        via: _Via | None = None
         try:
             for hop in range(self._follow + 1):
                 target = self._url(url)
                 if self._policy is not None:
                     self._check_literal(target.host or "", request)
+                sent, proxy_url, proxy_headers = headers, None, None
+                if self._routes is not None:
+                    via = self._via(target)
+                    if via is not None:
+                        proxy_url = via.url
+                        if target.scheme == "https":
+                            proxy_headers = via.proxy.headers  # on the CONNECT only
+                        elif via.proxy.username is not None:
+                            # A forwarding proxy reads the request itself (aiohttp would not
+                            # send proxy_headers here, and its proxy_auth is deprecated).
+                            sent = {**headers, **via.proxy.headers}
                 async with session.request(
                     method,
                     target,
                     data=body,
-                    headers=headers,
+                    headers=sent,
                     allow_redirects=False,
                     timeout=timeout,
+                    proxy=proxy_url,
+                    proxy_headers=proxy_headers,
                 ) as answer:
                     status, answer_headers = answer.status, answer.headers
+                    if status == PROXY_AUTHENTICATION_REQUIRED and via is not None:
+                        # A forwarding proxy's own answer (only a proxy sends 407).
+                        raise ConnectError(
+                            f"proxy {via.proxy} refused the request: {status} {answer.reason}",
+                            request=request,
+                            transient=False,
+                        )
                     if status == SWITCHING_PROTOCOLS:
                         answer.close()  # the connection speaks something else now: dropped
                         raise TransportError(
@@ -162,8 +210,24 @@ class AiohttpTransport:
         except DispatchError:
             raise
         except Exception as exc:
+            if via is not None:
+                _translate_proxy(self._aiohttp, exc, request, via.proxy, target)
             _translate(self._aiohttp, exc, request, timeout.total)
         raise AssertionError("unreachable: the last hop returns")  # pragma: no cover
+
+    def _via(self, target: Any) -> _Via | None:
+        """The proxy for ``target``'s origin, decided once per origin."""
+        key = (target.scheme, target.host, target.port)
+        try:
+            return self._proxies[key]
+        except KeyError:
+            pass
+        assert self._routes is not None
+        proxy = self._routes.route(target.scheme, target.host or "", target.port)
+        via = None if proxy is None else _Via(proxy, self._aiohttp.client.URL(proxy.url))
+        if len(self._proxies) < 1024:
+            self._proxies[key] = via
+        return via
 
     def _url(self, url: str) -> Any:
         # A URL made only of RFC 3986 characters goes out exactly as written (as the sync
@@ -223,18 +287,43 @@ class AiohttpTransport:
         await session.close()
 
 
+class _Via(NamedTuple):
+    """An origin's proxy, and its URL (no credentials) as aiohttp takes it."""
+
+    proxy: Proxy
+    url: Any
+
+
+def _check_routes(routes: ProxyRoutes) -> None:
+    """Refuse the proxies aiohttp cannot use, while the AsyncDispatcher is built."""
+    for proxy in routes.proxies:
+        if proxy.is_socks:
+            raise UsageError(
+                f"the asyncio transport cannot use the SOCKS proxy {proxy}: aiohttp has no "
+                "SOCKS support. Use an http:// proxy, or the sync Dispatcher with SOCKS "
+                f"({SOCKS_EXTRA}); a proxy from the environment is ignored with trust_env=False"
+            )
+    if sys.version_info < (3, 11) and routes.https is not None and routes.https.scheme == "https":
+        raise UsageError(
+            f"the asyncio transport cannot reach https URLs through the https:// proxy "
+            f"{routes.https} on Python 3.10 (asyncio has TLS in TLS from 3.11): use an http:// "
+            "proxy, whose CONNECT tunnel carries TLS end to end with the target"
+        )
+
+
 class _EgressResolver:
     """aiohttp's resolver, keeping only the addresses the egress policy allows."""
 
-    def __init__(self, aiohttp: Any, policy: EgressPolicy) -> None:
+    def __init__(self, aiohttp: Any, policy: EgressPolicy, trusted: frozenset[str]) -> None:
         self._inner = aiohttp.ThreadedResolver()
         self._policy = policy
+        self._trusted = trusted
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[dict[str, Any]]:
         infos: list[dict[str, Any]] = await self._inner.resolve(host, port, family)
-        if self._policy.host_allowed(host):
+        if host in self._trusted or self._policy.host_allowed(host):
             return infos
         allowed = [i for i in infos if self._policy.permits(ipaddress.ip_address(i["host"]))]
         if not allowed:
@@ -285,6 +374,26 @@ def _translate(aiohttp: Any, exc: Exception, request: Request, total: float | No
     raise TransportError(f"{type(exc).__name__}: {exc}", request=request) from exc
 
 
+def _translate_proxy(
+    aiohttp: Any, exc: Exception, request: Request, proxy: Proxy, target: Any
+) -> None:
+    """Raise the dispatchkit error for a failure of the proxy itself; else return."""
+    errors = aiohttp.client_exceptions
+    if isinstance(exc, errors.ClientProxyConnectionError):
+        raise ConnectError(
+            f"cannot connect to the proxy {proxy}: {type(exc.os_error).__name__}: {exc.os_error}",
+            request=request,
+        ) from exc
+    if isinstance(exc, errors.ClientHttpProxyError):
+        # The CONNECT was refused: nothing reached the target. A 4xx will not change on a retry.
+        raise ConnectError(
+            f"proxy {proxy} refused the tunnel to {target.host}:{target.port}: "
+            f"{exc.status} {exc.message}",
+            request=request,
+            transient=exc.status >= 500,
+        ) from exc
+
+
 def _is_decoding(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "decod" in text or "compress" in text or "content-encoding" in text
@@ -297,6 +406,11 @@ class Plugin:
 
     def __init__(self) -> None:
         self._transport: AiohttpTransport | None = None
+        self._routes: ProxyRoutes | None = None
+
+    @hookimpl(trylast=True)
+    def dispatchkit_configure(self, settings: Settings) -> None:
+        self._routes = proxy_routes(settings)
 
     @hookimpl(trylast=True)
     def dispatchkit_async_transport(
@@ -305,5 +419,5 @@ class Plugin:
         if scheme not in SCHEMES:
             return None
         if self._transport is None:
-            self._transport = AiohttpTransport(dispatcher.settings)
+            self._transport = AiohttpTransport(dispatcher.settings, self._routes)
         return self._transport

@@ -1,6 +1,7 @@
 """Built-in retry policy, made of tenacity's strategies.
 
-* A connect error is retried for every method: nothing was sent.
+* A connect error is retried for every method: nothing was sent (unless it is
+  not ``transient``: a proxy that refused the tunnel with a 4xx refuses again).
 * A timeout, a broken connection, and HTTP 429, 502, 503, 504 are retried
   only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE): a POST may
   have run already.
@@ -44,7 +45,7 @@ def is_retryable(exc: BaseException) -> bool:
     if not isinstance(exc, DispatchError):
         return False
     if isinstance(exc, ConnectError):
-        return True
+        return exc.transient  # a proxy that refused the tunnel with a 4xx will again
     if exc.method not in IDEMPOTENT_METHODS:
         return False
     if isinstance(exc, TransportError):

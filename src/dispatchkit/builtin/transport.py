@@ -7,11 +7,27 @@ pooling per host, http and https (certificates verified unless
 ``verify=False``), redirects never followed, bodies read in chunks and
 refused past ``max_response_bytes`` without being held in memory. Every
 urllib3 error is translated here, once, into the dispatchkit hierarchy.
+
+Proxies (``proxy``, ``trust_env``: :mod:`dispatchkit.builtin._proxy`) are
+decided once per origin, when its pool is made; a pool made without one is
+exactly the pool made before proxies existed. A proxied pool keeps the fast
+path (``_exchange``, the watchdog, the strict head reader): only its
+connection class differs. An http origin's pool holds connections *to the
+proxy* and sends absolute-form requests with ``Proxy-Authorization``
+(:class:`_Forwarding`); an https origin's pool opens each connection with
+``CONNECT`` (http.client's tunnel, the credentials on the ``CONNECT`` only),
+then TLS with the target, verified as a direct connection is
+(:class:`_Tunneling`); a SOCKS proxy uses urllib3's SOCKS connections
+(``urllib3.contrib.socks``, PySocks). The egress policy cannot see where a
+proxy connects: it checks an IP-literal target when the pool is made, and
+leaves the proxy's own address alone (the operator chose it).
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
+import importlib
 import re
 import socket
 import ssl
@@ -20,12 +36,13 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote
 
 import urllib3
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connection import HTTPConnection, HTTPSConnection, ProxyConfig
 from urllib3.exceptions import (
     ClosedPoolError,
     ConnectTimeoutError,
@@ -39,7 +56,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
-from urllib3.util import make_headers, parse_url
+from urllib3.util import Url, make_headers, parse_url
 
 from dispatchkit._egress import EgressPolicy, connect_guarded
 from dispatchkit._encoding import SENT_AS_IS, check_headers
@@ -47,11 +64,13 @@ from dispatchkit._models import Request, Response
 from dispatchkit._redact import mask_url
 from dispatchkit._redirects import REDIRECT_STATUSES, SCHEMES, next_hop
 from dispatchkit._watchdog import Watchdog
+from dispatchkit.builtin._proxy import SOCKS_EXTRA, Proxy, ProxyRoutes, proxy_routes
 from dispatchkit.builtin._response_head import StrictHeadResponse, UnaskedSwitch
 from dispatchkit.exceptions import (
     ConnectError,
     DispatchError,
     DispatchTimeout,
+    EgressDenied,
     InvalidResponseError,
     ResponseTooLargeError,
     TransportError,
@@ -71,9 +90,9 @@ _ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)([^#]*)")
 
 
 class PoolTransport:
-    """Sends requests over pooled keep-alive connections."""
+    """Sends requests over pooled keep-alive connections (through ``routes``' proxies)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, routes: ProxyRoutes | None = None) -> None:
         self._limit = settings.max_response_bytes
         self._max_pools = settings.max_pools
         self._pool_kw: dict[str, Any] = {
@@ -93,6 +112,10 @@ class PoolTransport:
         self._watchdog = Watchdog()
         policy = EgressPolicy(settings.egress_allow) if settings.egress == "public" else None
         self._connection_classes = _connection_classes(self._watchdog, policy)
+        self._policy = policy
+        self._routes = routes
+        # The proxy's own address is the operator's choice: no egress policy on its connections.
+        self._proxied = None if routes is None else _ProxiedClasses(self._watchdog, routes)
         self._deadline = settings.deadline
         self._warn_unverified = not settings.verify
         self._follow = settings.follow_redirects
@@ -241,6 +264,10 @@ class PoolTransport:
         auth = None
         if url.auth is not None:
             auth = make_headers(basic_auth=unquote(url.auth))["authorization"]
+        if self._routes is not None and url.scheme in ("http", "https"):
+            proxy = self._routes.route(url.scheme, url.host, url.port)
+            if proxy is not None:
+                return self._proxied_pool(origin, url, proxy, request), auth
         if url.scheme == "https":
             _refuse_http2(request)
             pool: HTTPConnectionPool = HTTPSConnectionPool(
@@ -252,6 +279,58 @@ class PoolTransport:
             raise UsageError(f"unsupported scheme {url.scheme!r}", request=request)
         pool.ConnectionCls = self._connection_classes[url.scheme == "https"]
         return pool, auth
+
+    def _proxied_pool(
+        self, origin: str, url: Url, proxy: Proxy, request: Request
+    ) -> HTTPConnectionPool:
+        """The pool of an origin reached through ``proxy`` (see the module docstring)."""
+        host = url.host or ""
+        if self._policy is not None and self._policy.refuses_literal(host):
+            # The proxy resolves names; an address literal is the one thing we can check.
+            raise EgressDenied(
+                f"egress policy refuses {host}: not a public address", request=request
+            )
+        https = url.scheme == "https"
+        if https or proxy.scheme == "https":
+            _refuse_http2(request)
+        assert self._proxied is not None
+        classes = self._proxied
+        port = url.port or (443 if https else 80)
+        authority = origin.partition("://")[2].rpartition("@")[2]  # no userinfo to the proxy
+        route = _Route(proxy, host.strip("[]"), port, f"{url.scheme}://{authority}")
+        kw: dict[str, Any] = {**self._pool_kw, "dk_route": route}
+        if proxy.is_socks:
+            kw["_socks_options"] = classes.socks_options(proxy)
+            if https:
+                pool: HTTPConnectionPool = HTTPSConnectionPool(host, url.port, **kw, **self._tls_kw)
+            else:
+                pool = HTTPConnectionPool(host, url.port, **kw)
+            assert classes.socks is not None  # made with the routes, PySocks checked
+            pool.ConnectionCls = classes.socks[https]
+            return pool
+        # urllib3 turns Nagle's algorithm on for proxied pools; keep ours off (delayed ACKs).
+        kw["socket_options"] = HTTPConnection.default_socket_options
+        if https:
+            pool = HTTPSConnectionPool(
+                host,
+                url.port,
+                _proxy=parse_url(proxy.url),
+                _proxy_headers=proxy.headers,
+                _proxy_config=ProxyConfig(None, False, None, None),
+                **kw,
+                **self._tls_kw,
+            )
+            pool.ConnectionCls = classes.tunneling
+        elif proxy.scheme == "https":
+            # Only the proxy's certificate is checked here (the target is plain http): verified
+            # as a target's would be, and no client certificate is shown to the proxy.
+            tls = {"cert_reqs": self._tls_kw["cert_reqs"], "ca_certs": self._tls_kw["ca_certs"]}
+            pool = HTTPSConnectionPool(proxy.host, proxy.port, **kw, **tls)
+            pool.ConnectionCls = classes.forwarding[True]
+        else:
+            pool = HTTPConnectionPool(proxy.host, proxy.port, **kw)
+            pool.ConnectionCls = classes.forwarding[False]
+        return pool
 
     def _read(self, raw: BaseHTTPResponse, request: Request) -> bytes:
         limit = self._limit
@@ -354,6 +433,135 @@ def _connection_classes(
     )
 
 
+PROXY_AUTHENTICATION_REQUIRED = 407
+# http.client's (and urllib3's backported) tunnel error, the one way it reports the status.
+_TUNNEL_FAILED = re.compile(r"Tunnel connection failed: (\d{3}) ?(.*)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How a proxied pool's connections reach its origin: the proxy, and the target."""
+
+    proxy: Proxy
+    host: str  # without brackets
+    port: int
+    origin: str  # scheme://host[:port], prefixed to the request target by a forwarding proxy
+
+
+class ProxyRefused(OSError):
+    """The proxy answered ``CONNECT`` (or a forwarded request) with an error status."""
+
+    def __init__(self, proxy: Proxy, status: int, reason: str, what: str) -> None:
+        super().__init__(f"proxy {proxy} refused {what}: {status} {reason}".rstrip())
+        self.status = status
+
+
+class _Proxied(_Watched):
+    """Mixin: a connection through a proxy (``dk_route``, one per pool, says which)."""
+
+    _dk_route: _Route
+
+    def __init__(self, *args: Any, dk_route: _Route, **kwargs: Any) -> None:
+        self._dk_route = dk_route
+        super().__init__(*args, **kwargs)
+
+
+class _Forwarding(_Proxied):
+    """Mixin: plain http through a forwarding proxy, in absolute form, with its credentials."""
+
+    def request(
+        self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any
+    ) -> None:
+        route = self._dk_route
+        extra = route.proxy.headers
+        if extra:
+            headers = {**(headers or {}), **extra}
+        super().request(method, route.origin + url, body=body, headers=headers, **kwargs)
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        if response.status == PROXY_AUTHENTICATION_REQUIRED:  # only a proxy answers 407
+            response.close()
+            raise ProxyRefused(
+                self._dk_route.proxy, response.status, response.reason, "the request"
+            )
+        return response
+
+
+class _Tunneling(_Proxied):
+    """Mixin for HTTPS connections: ``CONNECT`` through the proxy, then TLS with the target.
+
+    urllib3 forgets the tunnel when a connection closes, so it is set again on
+    every connect; the proxy's credentials go on the ``CONNECT`` only.
+    """
+
+    sock: Any
+
+    def connect(self) -> None:
+        route = self._dk_route
+        proxy = route.proxy
+        self.set_tunnel(  # type: ignore[attr-defined]
+            route.host, route.port, headers=proxy.headers, scheme=proxy.scheme
+        )
+        try:
+            super().connect()  # type: ignore[misc]
+        except OSError as exc:
+            refused = _TUNNEL_FAILED.match(str(exc))
+            if refused is None or isinstance(exc, ssl.SSLError):
+                raise
+            what = f"the tunnel to {route.host}:{route.port}"
+            raise ProxyRefused(proxy, int(refused[1]), refused[2].strip(), what) from exc
+        sock = self.sock
+        if not hasattr(sock, "shutdown"):
+            # TLS in TLS (an https:// proxy): urllib3's SSLTransport, which the watchdog cannot
+            # shut down; shutting the TCP socket under both TLS layers cuts it just as well.
+            sock.shutdown = functools.partial(socket.socket.shutdown, sock.socket)
+
+
+class _ProxiedClasses:
+    """The connection classes of proxied pools, bound to a transport's watchdog (no policy)."""
+
+    def __init__(self, watchdog: Watchdog, routes: ProxyRoutes) -> None:
+        attributes = {"_watchdog": watchdog, "_policy": None}
+        self.forwarding: tuple[type[HTTPConnection], type[HTTPSConnection]] = (
+            type("ForwardingHTTPConnection", (_Forwarding, HTTPConnection), attributes),
+            type("ForwardingHTTPSConnection", (_Forwarding, HTTPSConnection), attributes),
+        )
+        self.tunneling: type[HTTPSConnection] = type(
+            "TunnelingHTTPSConnection", (_Tunneling, HTTPSConnection), attributes
+        )
+        self.socks: tuple[type[HTTPConnection], type[HTTPSConnection]] | None = None
+        self._socks_version = 0
+        if any(proxy.is_socks for proxy in routes.proxies):
+            pysocks, contrib = _import_socks()
+            self._socks_version = pysocks.PROXY_TYPE_SOCKS5
+            self.socks = (
+                type("SOCKSHTTPConnection", (_Proxied, contrib.SOCKSConnection), attributes),
+                type("SOCKSHTTPSConnection", (_Proxied, contrib.SOCKSHTTPSConnection), attributes),
+            )
+
+    def socks_options(self, proxy: Proxy) -> dict[str, Any]:
+        """urllib3's ``_socks_options``; ``socks5h`` lets the proxy resolve the name."""
+        return {
+            "socks_version": self._socks_version,
+            "proxy_host": proxy.host,
+            "proxy_port": proxy.port,
+            "username": proxy.username,
+            "password": proxy.password,
+            "rdns": proxy.scheme == "socks5h",
+        }
+
+
+def _import_socks() -> tuple[Any, Any]:
+    """PySocks and ``urllib3.contrib.socks``, or the :class:`UsageError` naming the extra."""
+    try:
+        # First: without PySocks, importing urllib3.contrib.socks warns before it fails.
+        pysocks = importlib.import_module("socks")
+    except ImportError as exc:
+        raise UsageError(f"a SOCKS proxy needs PySocks: {SOCKS_EXTRA}") from exc
+    return pysocks, importlib.import_module("urllib3.contrib.socks")
+
+
 def _refuse_http2(request: Request) -> None:
     """Refuse to open HTTPS pools while ``urllib3.http2.inject_into_urllib3()`` is active.
 
@@ -376,10 +584,10 @@ def _translate(exc: HTTPError, request: Request) -> NoReturn:
     # NewConnectionError subclasses ConnectTimeoutError: test it first, or a
     # refused port would pass for a timeout.
     if isinstance(exc, NewConnectionError):
-        raise ConnectError(f"cannot connect: {_reason(exc)}", request=request) from exc
+        raise ConnectError(f"cannot connect{_via(exc)}: {_reason(exc)}", request=request) from exc
     if isinstance(exc, ConnectTimeoutError):
         raise DispatchTimeout(
-            f"connect timed out after {request.timeout}s", request=request
+            f"connect{_via(exc)} timed out after {request.timeout}s", request=request
         ) from exc
     if isinstance(exc, ReadTimeoutError):
         raise DispatchTimeout(f"read timed out after {request.timeout}s", request=request) from exc
@@ -418,6 +626,9 @@ def _unsendable(
 
 def _translate_socket(exc: Exception, request: Request) -> NoReturn:
     """Raise the dispatchkit error for what a socket, ssl or http.client raised."""
+    if isinstance(exc, ProxyRefused):
+        # Nothing reached the target. A 4xx (credentials, a policy) will not change on a retry.
+        raise ConnectError(str(exc), request=request, transient=exc.status >= 500) from exc
     if isinstance(exc, UnaskedSwitch):
         raise TransportError(f"connection broken: {exc}", request=request, transient=False) from exc
     if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
@@ -431,6 +642,13 @@ def _translate_socket(exc: Exception, request: Request) -> NoReturn:
             f"connection broken: {type(exc).__name__}: {exc}", request=request
         ) from exc
     raise TransportError(f"{type(exc).__name__}: {exc}", request=request) from exc
+
+
+def _via(exc: HTTPError) -> str:
+    """`` to the proxy ...`` when ``exc`` came from a proxied connection."""
+    conn = getattr(exc, "conn", None) or (exc.args[0] if exc.args else None)
+    route = getattr(conn, "_dk_route", None)
+    return f" to the proxy {route.proxy}" if isinstance(route, _Route) else ""
 
 
 def _reason(exc: BaseException) -> str:
@@ -449,11 +667,16 @@ class Plugin:
 
     def __init__(self) -> None:
         self._transport: PoolTransport | None = None
+        self._routes: ProxyRoutes | None = None
+
+    @hookimpl(trylast=True)
+    def dispatchkit_configure(self, settings: Settings) -> None:
+        self._routes = proxy_routes(settings)  # ``proxy``, ``trust_env`` and the environment
 
     @hookimpl(trylast=True)
     def dispatchkit_transport(self, scheme: str, dispatcher: Dispatcher) -> PoolTransport | None:
         if scheme not in SCHEMES:
             return None
         if self._transport is None:
-            self._transport = PoolTransport(dispatcher.settings)
+            self._transport = PoolTransport(dispatcher.settings, self._routes)
         return self._transport
