@@ -14,6 +14,7 @@ http.client parity) stays in ``tests/test_faults.py`` and
 
 from __future__ import annotations
 
+import gc
 import ssl
 import sys
 import threading
@@ -640,6 +641,19 @@ def test_tls_verified_against_ca_certs(
     assert tls_server.stat("requests") == 10
     assert tls_server.stat("connections") == 1
     assert tls_server.stat("handshakes") == 1
+
+
+def test_a_tls_connection_cut_by_the_deadline_is_closed(
+    new_client: MakeClient, tls_server: Server, pems: Pems
+) -> None:
+    c = new_client(ca_certs=pems.ca, deadline=0.5, retry_attempts=1)
+    assert c.call(f"{tls_server.url}/add", x=1)["args"] == {"x": "1"}  # kept alive
+    with pytest.raises(DispatchTimeout, match="deadline"):
+        c.call(f"{tls_server.url}/sleep")  # the cut lands on a read in the pooled connection
+    c.close()
+    # A TLS connection left open (its close handshake unanswered) would warn when
+    # collected, and the suite's warnings are errors.
+    gc.collect()
 
 
 def test_tls_unknown_ca_fails_and_is_not_retried(

@@ -492,8 +492,8 @@ def test_an_https_proxy_with_an_unknown_certificate_is_refused(
     assert caught.value.transient is False
 
 
-# The sync Dispatcher's watchdog; the AsyncDispatcher's deadline is aiohttp's total timeout,
-# which (with or without a proxy) leaves a TLS connection it cuts to the garbage collector.
+# The sync Dispatcher's watchdog (the AsyncDispatcher's deadline is aiohttp's total timeout,
+# tested for a TLS connection in tests/test_async_faults.py).
 @pytest.mark.parametrize("kind", ["http", "https"])
 def test_the_deadline_cuts_an_attempt_inside_a_tunnel(
     proxy: ProxyProcess,

@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,10 +24,20 @@ from urllib.parse import parse_qsl, urlsplit
 
 import trustme
 
-__all__ = ["IDLE_TIMEOUT", "Pems", "Server", "https_server", "server_context", "write_pems"]
+__all__ = [
+    "IDLE_TIMEOUT",
+    "SLEEP",
+    "Pems",
+    "Server",
+    "https_server",
+    "server_context",
+    "write_pems",
+]
 
 #: Seconds a server-side connection may sit idle, and the server thread may take to stop.
 IDLE_TIMEOUT = 5.0
+#: Seconds ``GET /sleep`` waits before it answers.
+SLEEP = 2.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -41,6 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPSServer
 
     def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/sleep":  # answers too late for a short deadline
+            time.sleep(SLEEP)
         self._answer(dict(parse_qsl(urlsplit(self.path).query)))
 
     def do_POST(self) -> None:
@@ -56,6 +69,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def finish(self) -> None:
+        # Closing wfile raises when the client has gone (its flush fails), and the
+        # standard finish() then leaves rfile open: the TLS socket it refers to would
+        # stay half-closed until collected (a ResourceWarning in some later test).
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.rfile.close()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep the test output clean

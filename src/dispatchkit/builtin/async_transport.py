@@ -62,6 +62,9 @@ if TYPE_CHECKING:
     from dispatchkit._settings import Settings
 
 SWITCHING_PROTOCOLS = 101
+#: Pythons whose asyncio leaves a TLS transport open when its close handshake never
+#: completes (fixed in 3.12.8 and 3.13.1): aiohttp's ``enable_cleanup_closed`` is for them.
+_TLS_CLOSE_LEAKS = sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)
 EXTRA = "pip install 'dispatchkit[async]'"
 
 
@@ -113,6 +116,11 @@ class AiohttpTransport:
             force_close=not settings.keep_alive,
             resolver=None if self._policy is None else _EgressResolver(lib, self._policy, trusted),
             ttl_dns_cache=10,
+            # A TLS connection cut mid-answer (a deadline, a cancelled call) is closed
+            # with a TLS shutdown the peer may never answer; before asyncio's fix it then
+            # stayed open until the loop closed. aiohttp aborts such connections 2 s
+            # later, and on close, when asked to (and warns when asked on a fixed Python).
+            enable_cleanup_closed=_TLS_CLOSE_LEAKS,
         )
         session: aiohttp.ClientSession = lib.ClientSession(
             connector=connector,
