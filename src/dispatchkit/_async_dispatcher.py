@@ -81,12 +81,14 @@ class AsyncDispatcher:
         headers: Mapping[str, str] | None = None,
         task_id: str | None = None,
         json: bool = False,
+        options: Mapping[str, str] | None = None,
     ) -> Any:
         """Like :meth:`call`, with the task's arguments as one mapping and options beside them.
 
-        The options are :meth:`Dispatcher.apply <dispatchkit.Dispatcher.apply>`'s.
+        The options are :meth:`Dispatcher.apply <dispatchkit.Dispatcher.apply>`'s,
+        plugin ``options`` included.
         """
-        call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json)
+        call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json, options)
         return await self._run(self._pipeline.build(call))
 
     async def execute(self, call: Call, *, attempts: list[Attempt] | None = None) -> Any:
@@ -107,6 +109,7 @@ class AsyncDispatcher:
         *,
         concurrency: int | None = None,
         return_exceptions: bool = False,
+        options: Mapping[str, str] | None = None,
     ) -> list[Any]:
         """Call ``url`` once per mapping of arguments in ``calls``; return the retvals in order.
 
@@ -115,6 +118,7 @@ class AsyncDispatcher:
         raised once the calls in flight have finished, and no new call starts
         after an error; with ``return_exceptions=True`` errors take their place
         in the list instead. Cancelling ``map`` cancels every call in flight.
+        ``options`` are every call's (see :meth:`apply`).
         """
         window = concurrency or self.settings.pool_maxsize
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -128,7 +132,7 @@ class AsyncDispatcher:
         async def one(kwargs: Mapping[str, Any]) -> Any:
             nonlocal failed
             try:
-                return await self._run(build(Call(url, method, kwargs)))
+                return await self._run(build(Call(url, method, kwargs, options=options)))
             except DispatchError:
                 failed = failed or not return_exceptions
                 raise

@@ -128,7 +128,7 @@ class HttpDispatchTask:
         """Celery's signature: ``kwargs`` holds ``url``, ``method`` and the task's arguments.
 
         ``options`` are those of :meth:`Dispatcher.apply_async` (``timeout``,
-        ``headers``, ``json``).
+        ``headers``, ``json``, and plugin ``options={"signing_key": ...}``).
         """
         if args:
             raise UsageError("HttpDispatchTask takes keyword arguments only (url, method, ...)")

@@ -76,6 +76,7 @@ class Dispatcher:
         headers: Mapping[str, str] | None = None,
         task_id: str | None = None,
         json: bool = False,
+        options: Mapping[str, str] | None = None,
     ) -> Any:
         """Like :meth:`call`, with the task's arguments as a mapping and options beside them.
 
@@ -84,8 +85,11 @@ class Dispatcher:
         ``headers`` are added to the request, ``task_id`` is sent as the
         ``Idempotency-Key`` (a uuid4 hex by default), ``json=True`` sends the
         arguments as one JSON object (POST, PUT, PATCH) instead of a form.
+        ``options`` are plugin options, names to short strings read by plugins
+        where the call is sent and never sent themselves: ``{"signing_key":
+        "acme"}`` signs with the key ``acme`` of ``signing_keys``.
         """
-        call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json)
+        call = Call(url, method, kwargs or _EMPTY, task_id or "", timeout, headers, json, options)
         return self._run(self._pipeline.build(call))
 
     def execute(self, call: Call, *, attempts: list[Attempt] | None = None) -> Any:
@@ -117,14 +121,23 @@ class Dispatcher:
         headers: Mapping[str, str] | None = None,
         task_id: str | None = None,
         json: bool = False,
+        options: Mapping[str, str] | None = None,
     ) -> Result:
-        """Like :meth:`apply`, on the executor: returns at once with the call's result handle."""
-        call = Call(url, method, kwargs or _EMPTY, task_id or new_task_id(), timeout, headers, json)
-        # Built here only to be checked (method, URL, arguments, headers) in the caller,
-        # before anything is queued; the executor builds it again where it runs.
+        """Like :meth:`apply`, on the executor: returns at once with the call's result handle.
+
+        The ``options`` travel with the call to wherever the executor runs it
+        (a Celery worker), and are resolved there.
+        """
+        call = Call(
+            url, method, kwargs or _EMPTY, task_id or new_task_id(), timeout, headers, json, options
+        )
+        # Built here only to be checked (method, URL, arguments, headers, options) in the
+        # caller, before anything is queued; the executor builds it again where it runs.
         request = self._pipeline.build(call)
         if call.method != request.method:
-            call = Call(call.url, request.method, call.kwargs, call.task_id, timeout, headers, json)
+            call = Call(
+                call.url, request.method, call.kwargs, call.task_id, timeout, headers, json, options
+            )
         return self._get_executor().submit(call)
 
     def map(
@@ -135,6 +148,7 @@ class Dispatcher:
         *,
         concurrency: int | None = None,
         return_exceptions: bool = False,
+        options: Mapping[str, str] | None = None,
     ) -> list[Any]:
         """Call ``url`` once per mapping of arguments in ``calls``; return the retvals in order.
 
@@ -142,7 +156,7 @@ class Dispatcher:
         once, so a long iterable never queues everything up front. The first
         error (in order) is raised once the calls in flight have finished, and
         no new call starts after it; with ``return_exceptions=True`` errors take
-        their place in the list instead.
+        their place in the list instead. ``options`` are every call's (see :meth:`apply`).
         """
         window = concurrency or self.settings.pool_maxsize
         if window < 1:
@@ -155,7 +169,7 @@ class Dispatcher:
                 failed = self._collect(pending.popleft(), values, return_exceptions) or failed
                 if failed:
                     break
-            pending.append(self.apply_async(url, method, kwargs))
+            pending.append(self.apply_async(url, method, kwargs, options=options))
         while pending:
             failed = self._collect(pending.popleft(), values, return_exceptions) or failed
         if failed:

@@ -7,13 +7,14 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
 
 import orjson
 
 from dispatchkit._checks import seconds
-from dispatchkit._models import Call, Request
+from dispatchkit._models import NO_OPTIONS, Call, Request
 from dispatchkit.exceptions import EncodeError, UsageError
 
 #: Methods whose arguments travel in the query string; the others send a body.
@@ -36,14 +37,24 @@ SENT_AS_IS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-F]{2})*")
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
+#: A call's options: at most this many, each a lower-case name (a plugin's prefix first,
+#: ``signing_key``) and a value of printable ASCII, so that one can be logged as it is.
+OPTIONS_MAX = 32
+OPTION_VALUE_MAX = 256
+_OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_OPTION_VALUE = re.compile(rf"[\x20-\x7e]{{0,{OPTION_VALUE_MAX}}}")
+# Standard Webhooks secrets start so: one given as an option would travel with the call.
+_SECRET_PREFIX = "whsec_"
+
 
 def build_request(call: Call, headers: Mapping[str, str], timeout: float) -> Request:
     """The :class:`Request` that carries ``call`` over the wire: checked, encoded.
 
     ``headers`` are the Dispatcher's own (User-Agent, ...), ``timeout`` its
     default. The task id becomes the ``Idempotency-Key`` (a new one when the
-    call has none). Raises :class:`UsageError` or :class:`EncodeError`;
-    nothing is sent before this succeeds.
+    call has none); the call's options are checked (:func:`check_options`)
+    and given to the request, never to the wire. Raises :class:`UsageError`
+    or :class:`EncodeError`; nothing is sent before this succeeds.
     """
     url, task_id = call.url, call.task_id
     if not isinstance(url, str):
@@ -71,7 +82,47 @@ def build_request(call: Call, headers: Mapping[str, str], timeout: float) -> Req
     request_headers["Idempotency-Key"] = task_id
     if call.timeout is not None:
         timeout = seconds(call.timeout, "timeout")
-    return Request(method, url, call.kwargs, request_headers, body, task_id, timeout)
+    options = NO_OPTIONS if call.options is None else check_options(call.options)
+    return Request(
+        method, url, call.kwargs, request_headers, body, task_id, timeout, options=options
+    )
+
+
+def check_options(options: object) -> Mapping[str, str]:
+    """A read-only copy of a call's ``options``; a :class:`UsageError` unless they are sound.
+
+    At most :data:`OPTIONS_MAX` of them; a name is 1 to 64 of ``a-z``, ``0-9``
+    and ``_``, starting with a letter; a value is a str of at most
+    :data:`OPTION_VALUE_MAX` printable ASCII characters (space to ``~``).
+    Options travel with the call (broker messages, ledger records), so a value
+    that looks like a signing secret (``whsec_...``) is refused: an option
+    names a key, the sending machine holds it.
+    """
+    if not isinstance(options, Mapping):
+        raise UsageError(f"options must be a mapping of names to str, got {type(options).__name__}")
+    if len(options) > OPTIONS_MAX:
+        raise UsageError(f"a call takes at most {OPTIONS_MAX} options, got {len(options)}")
+    for name, value in options.items():
+        if not isinstance(name, str) or not _OPTION_NAME.fullmatch(name):
+            raise UsageError(
+                f"option name {name!r}: use 1 to 64 of a-z, 0-9 and _, starting with a letter"
+            )
+        if not isinstance(value, str):
+            raise UsageError(
+                f"option {name!r}: the value must be a str, got {type(value).__name__}"
+            )
+        if value.startswith(_SECRET_PREFIX):
+            raise UsageError(
+                f"option {name!r} holds a signing secret: options travel with the call "
+                "(broker messages, records), so give the key's id and keep the secret in "
+                "the sending Dispatcher's signing_keys"
+            )
+        if not _OPTION_VALUE.fullmatch(value):
+            raise UsageError(  # the value is not shown: it may be something secret
+                f"option {name!r}: the value must be at most {OPTION_VALUE_MAX} printable "
+                f"ASCII characters (space to ~), got {len(value)} characters"
+            )
+    return MappingProxyType(dict(options))
 
 
 def new_task_id() -> str:

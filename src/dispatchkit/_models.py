@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from dispatchkit._redact import excerpt, mask_url
@@ -19,6 +20,8 @@ STATUS_SUCCESS: Literal["success"] = "success"
 STATUS_FAILURE: Literal["failure"] = "failure"
 
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "webhook-signature"})
+#: The options of a call that has none: shared, read-only.
+NO_OPTIONS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(slots=True, eq=False)
@@ -29,7 +32,10 @@ class Request:
     the encoded arguments); ``kwargs`` are the task's arguments as given;
     ``body`` is the encoded body or ``None``; ``attempt`` counts from 1;
     ``attempts``, when not ``None``, receives an :class:`Attempt` as each
-    attempt ends (``Dispatcher.execute(call, attempts=...)``).
+    attempt ends (``Dispatcher.execute(call, attempts=...)``); ``options`` are
+    the call's plugin options (``Dispatcher.apply(..., options=...)``), read-only
+    and never sent by the core: a plugin reads the ones it knows, such as
+    ``signing_key``.
     """
 
     method: str
@@ -41,6 +47,7 @@ class Request:
     timeout: float
     attempt: int = 0
     attempts: list[Attempt] | None = None
+    options: Mapping[str, str] = field(default_factory=lambda: NO_OPTIONS)
     # (time.time(), time.perf_counter()) when the current attempt began, while attempts
     # are recorded (a list or a dispatchkit_attempt_done hook); else None, and no clock read.
     _began: tuple[float, float] | None = field(default=None, init=False)
@@ -166,6 +173,10 @@ class Call:
 
     Plain data (str, numbers, lists, dicts), so that it crosses process
     boundaries as JSON; ``Dispatcher.execute(call)`` runs it anywhere.
+    ``options`` are plugin options, names to short strings (see
+    ``docs/plugins.md``), resolved where the call is sent: they travel with the
+    call, so they name things (``{"signing_key": "acme"}``) and never hold a
+    secret.
     """
 
     url: str
@@ -175,9 +186,15 @@ class Call:
     timeout: float | None = None
     headers: Mapping[str, str] | None = None
     json: bool = False
+    options: Mapping[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready data; ``"options"`` only when the call has some.
+
+        Left out otherwise, so that a process of an older version, which does
+        not know the key, still reads calls without options.
+        """
+        data = {
             "url": self.url,
             "method": self.method,
             "kwargs": dict(self.kwargs),
@@ -186,6 +203,9 @@ class Call:
             "headers": dict(self.headers) if self.headers else None,
             "json": self.json,
         }
+        if self.options:
+            data["options"] = dict(self.options)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Call:

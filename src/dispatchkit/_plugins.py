@@ -97,7 +97,7 @@ def build_manager(
     """Register the built-ins, the entry-point plugins, then ``plugins``; skip ``disable``.
 
     ``settings`` are the names of the settings given: a built-in of
-    ``PLUGINS_WHEN_SET`` is loaded only when its setting is among them.
+    ``PLUGINS_WHEN_SET`` is loaded only when one of its settings is among them.
 
     Raises :class:`PluginLoadError` for a plugin that cannot be loaded or that
     implements a hook that does not exist (a misspelt or unprefixed name).
@@ -129,7 +129,9 @@ def build_manager(
         infos.append(PluginInfo(name=name, hooks=hooks, plugin=plugin, **meta))
 
     given_settings = set(settings)
-    wanted = [name for name, setting in PLUGINS_WHEN_SET.items() if setting in given_settings]
+    wanted = [
+        name for name, names in PLUGINS_WHEN_SET.items() if given_settings.intersection(names)
+    ]
     for module_name in (*DEFAULT_PLUGINS, *wanted):
         if module_name in given:
             continue

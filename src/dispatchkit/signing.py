@@ -17,6 +17,11 @@ is the body for POST, PUT and PATCH; for GET, HEAD, DELETE and OPTIONS, which
 send no body, it is the raw query string exactly as sent in the request
 target: what follows ``?`` up to any ``#``, without the ``?``, and empty when
 there is none (WSGI's ``QUERY_STRING``). See ``docs/security.md``.
+
+A sender with one key per receiver gives ``signing_keys`` (a :class:`KeyStore`:
+key ids to keys, or the environment) and names the key per call with the
+option ``signing_key``; the id travels with the call, the key stays on the
+machine that sends it.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import binascii
 import hashlib
 import hmac
 import math
+import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from secrets import token_bytes
 from typing import TYPE_CHECKING
@@ -45,10 +51,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TOLERANCE",
     "ID_HEADER",
+    "KEY_ENV_PREFIX",
+    "KEY_OPTION",
     "MIN_KEY_BYTES",
     "SECRET_PREFIX",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
+    "KeyStore",
+    "KeyStoreInput",
     "SecretInput",
     "SignatureError",
     "SigningKeys",
@@ -78,6 +88,13 @@ _ID = re.compile(r"[!-\-/-~]{1,256}")
 _TIMESTAMP = re.compile(r"[0-9]{1,15}")
 # A bound on the signatures one header may make the verifier look at.
 _MAX_SIGNATURES = 32
+#: The call option that names the key to sign with: ``options={"signing_key": "acme"}``.
+KEY_OPTION = "signing_key"
+#: Where ``signing_keys="env"`` looks: key ``acme-eu`` is ``DISPATCHKIT_SIGNING_KEY_ACME_EU``.
+KEY_ENV_PREFIX = "DISPATCHKIT_SIGNING_KEY_"
+# A key id travels with calls and shows in messages; it also names an environment variable.
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_ENV_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -175,6 +192,130 @@ def _key(secret: object, name: str) -> bytes:
             f"{name} is {len(key)} bytes; Standard Webhooks keys have at least {MIN_KEY_BYTES}"
         )
     return key
+
+
+@dataclass(frozen=True, slots=True, repr=False, eq=False)
+class KeyStore:
+    """Key ids to :class:`SigningKeys`, where calls are signed; reprs show ids, never keys.
+
+    Build it with :meth:`parse` (what ``Dispatcher(signing_keys=...)`` does) or
+    :meth:`from_env`. A call names its key with ``options={"signing_key": id}``:
+    the id travels with the call (a Celery message, a ledger record), the key
+    is looked up on the machine that sends the request, by :meth:`resolve`.
+    """
+
+    #: Key ids to their keys, parsed once (a mapping given).
+    keys: Mapping[str, SigningKeys] | None = None
+    #: A function from a key id to its secret(s), or ``None`` when it has no such key.
+    lookup: Callable[[str], SecretInput | None] | None = None
+    #: The prefix of the environment variables that hold the keys.
+    env_prefix: str | None = None
+
+    @classmethod
+    def parse(cls, keys: KeyStoreInput, *, name: str = "signing_keys") -> KeyStore:
+        """A store from a mapping of key ids to secrets, a look-up function, or ``"env"``.
+
+        In a mapping each id (1 to 128 letters, digits, ``_``, ``-`` or ``.``,
+        starting with a letter or a digit) maps to what ``signing_secret`` takes:
+        one secret, or a list of them during a key rotation (one signature per
+        key); every secret is parsed here. A function is called with the id on
+        every attempt and returns the same, or ``None`` for an id it does not
+        know. ``"env"`` is :meth:`from_env`. Anything else is a
+        :class:`~dispatchkit.UsageError` that never shows a secret.
+        """
+        if isinstance(keys, KeyStore):
+            return keys
+        if isinstance(keys, str):
+            if keys == "env":
+                return cls.from_env()
+            raise UsageError(  # the str is not shown: it may be a secret given by mistake
+                f"{name} takes a mapping of key ids to secrets, a function or 'env'; "
+                "one secret for every call is signing_secret"
+            )
+        if isinstance(keys, Mapping):
+            if not keys:
+                raise UsageError(f"{name} is empty")
+            parsed = {}
+            for n, (key_id, secret) in enumerate(keys.items(), 1):
+                if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+                    raise UsageError(
+                        f"{name}: key id #{n} is not 1 to 128 letters, digits, '_', '-' or '.' "
+                        "starting with a letter or a digit"
+                    )
+                parsed[key_id] = SigningKeys.parse(secret, name=f"{name}[{key_id!r}]")
+            return cls(keys=parsed)
+        if callable(keys):
+            return cls(lookup=keys)
+        raise UsageError(
+            f"{name} must be a mapping of key ids to secrets, a function or 'env', "
+            f"got {type(keys).__name__}"
+        )
+
+    @classmethod
+    def from_env(cls, prefix: str = KEY_ENV_PREFIX) -> KeyStore:
+        """Keys from the environment of the process that sends: ``<prefix><ID>``.
+
+        ``<ID>`` is the key id upper-cased, with ``-`` and ``.`` as ``_``: key
+        ``acme-eu`` is ``DISPATCHKIT_SIGNING_KEY_ACME_EU``. The value is one
+        secret, or several separated by spaces or commas during a key rotation.
+        Read on every attempt, so each Celery worker signs with the keys of its
+        own environment.
+        """
+        if not _ENV_PREFIX.fullmatch(prefix):
+            raise UsageError(f"environment prefix {prefix!r} is not a variable name")
+        return cls(env_prefix=prefix)
+
+    def env_name(self, key_id: str) -> str:
+        """The environment variable that holds ``key_id`` (for a store from the environment)."""
+        return (self.env_prefix or KEY_ENV_PREFIX) + key_id.upper().replace("-", "_").replace(
+            ".", "_"
+        )
+
+    def resolve(self, key_id: str) -> SigningKeys:
+        """The keys of ``key_id``; a :class:`~dispatchkit.UsageError` if this store has none.
+
+        The message names the id (ids are not secret) and where it was looked for.
+        """
+        if not _KEY_ID.fullmatch(key_id):
+            raise UsageError(  # not shown: what is not an id may be a secret given by mistake
+                f"the option {KEY_OPTION!r} is not a key id: 1 to 128 letters, digits, "
+                "'_', '-' or '.' starting with a letter or a digit"
+            )
+        if self.keys is not None:
+            keys = self.keys.get(key_id)
+            if keys is None:
+                raise UsageError(
+                    f"unknown signing key {key_id!r}: not one of the {len(self.keys)} "
+                    "of signing_keys"
+                )
+            return keys
+        if self.lookup is not None:
+            secret = self.lookup(key_id)
+            if secret is None:
+                raise UsageError(
+                    f"unknown signing key {key_id!r}: the signing_keys function has no such key"
+                )
+            return SigningKeys.parse(secret, name=f"the signing key {key_id!r}")
+        name = self.env_name(key_id)
+        value = os.environ.get(name, "").replace(",", " ").split()
+        if not value:
+            raise UsageError(f"unknown signing key {key_id!r}: {name} is not set on this machine")
+        return SigningKeys.parse(value, name=name)
+
+    def __repr__(self) -> str:
+        if self.keys is not None:
+            return f"KeyStore({dict(self.keys)!r})"
+        if self.lookup is not None:
+            # the function's name only: a partial's repr would show what it is bound to
+            shown = getattr(self.lookup, "__qualname__", type(self.lookup).__name__)
+            return f"KeyStore(lookup={shown})"
+        return f"KeyStore(env={self.env_prefix}*)"
+
+
+#: What ``signing_keys`` takes: key ids to secrets (each one, or a list during a
+#: rotation), a function from a key id to its secret(s) or ``None``, ``"env"``
+#: (:meth:`KeyStore.from_env`), or a :class:`KeyStore`.
+KeyStoreInput = Mapping[str, SecretInput] | Callable[[str], SecretInput | None] | str | KeyStore
 
 
 def _message(msg_id: str, timestamp: str, payload: bytes) -> bytes:

@@ -15,6 +15,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "endpoints",
     "executor",
 )
-#: Built-in plugins loaded only when their setting is given (module name: setting), so
-#: that a Dispatcher without it pays for none of their hooks.
-PLUGINS_WHEN_SET: dict[str, str] = {"signing": "signing_secret"}
+#: Built-in plugins loaded only when one of their settings is given (module name:
+#: settings), so that a Dispatcher without them pays for none of their hooks.
+PLUGINS_WHEN_SET: dict[str, tuple[str, ...]] = {"signing": ("signing_secret", "signing_keys")}
