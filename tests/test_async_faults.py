@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import gc
 import ssl
-import sys
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import trustme
@@ -695,24 +694,6 @@ def test_tls_verify_false_accepts_any_certificate(
         assert c.call(f"{tls_server.url}/add", x=5)["args"] == {"x": "5"}
 
 
-F = TypeVar("F", bound=Callable[..., None])
-
-
-def _ignore_failed_handshake_leak_before_311(test: F) -> F:
-    """Python 3.10's asyncio leaves the SSL transport of a failed handshake unclosed (its
-    SSL protocol was rewritten in 3.11, which closes it): a ResourceWarning from the
-    standard library when it is collected, not a connection of ours. Ignored there only."""
-    if sys.version_info >= (3, 11):
-        return test
-    mark = pytest.mark.filterwarnings(
-        "ignore:Exception ignored in. <function _SSLProtocolTransport.__del__"
-        ":pytest.PytestUnraisableExceptionWarning"
-    )
-    marked: F = mark(test)
-    return marked
-
-
-@_ignore_failed_handshake_leak_before_311
 def test_tls_client_certificate(new_client: MakeClient, ca: trustme.CA, pems: Pems) -> None:
     """Required by the server: refused without one; with one, in one PEM or in two files."""
     with https_server(server_context(ca, require_client_cert=True)) as mtls:
