@@ -1,4 +1,5 @@
-"""The ``dispatchkit`` command: ``call``, ``serve``, ``plugins`` and ``demo``.
+"""The ``dispatchkit`` command: ``call``, ``serve``, ``plugins``, ``demo``, ``attempts``,
+``dead-letters`` and ``endpoints``.
 
 Exit codes: 0 success; 1 the call (or the server) failed, the error on stderr;
 2 bad usage (an option, a ``key=value``, the method, the URL, an app that
@@ -13,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dispatchkit import _call_cli, _serve_cli
+from dispatchkit import _call_cli, _delivery_cli, _endpoints_cli, _serve_cli
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import DispatchError, EncodeError, RemoteExecuteError, UsageError
@@ -68,6 +69,32 @@ def _parser() -> argparse.ArgumentParser:
         description="Start a TaskApp on loopback and call it every way dispatchkit can.",
     )
     demo.set_defaults(handler=_demo)
+
+    attempts = commands.add_parser(
+        "attempts",
+        help="show the attempts of a call run by the executor (Celery)",
+        description="Show the record of each attempt of the call TASK_ID, as the executor "
+        "(DISPATCHKIT_EXECUTOR, e.g. celery) keeps them: number, start (UTC), duration, "
+        "outcome, worker and error.",
+    )
+    _delivery_cli.add_attempts_arguments(attempts)
+
+    dead_letters = commands.add_parser(
+        "dead-letters",
+        help="list, show, replay or purge the calls whose retry schedule ran out",
+        description="The dead letters the executor (DISPATCHKIT_EXECUTOR, e.g. celery) keeps: "
+        "calls whose retry schedule ran out on failures worth retrying.",
+    )
+    _delivery_cli.add_dead_letters_arguments(dead_letters)
+
+    endpoints = commands.add_parser(
+        "endpoints",
+        help="show and manage the endpoint isolation the Celery workers share",
+        description="The circuit breakers, rate limits, calls in flight and disabled URLs "
+        "the executor's workers share (DISPATCHKIT_EXECUTOR=celery: in Redis).",
+    )
+    _endpoints_cli.add_arguments(endpoints)
+    endpoints.set_defaults(handler=_endpoints_cli.run)
     return parser
 
 

@@ -92,14 +92,20 @@ class EndpointPolicy:
         return self.rate_limits.get(origin) or self.rate_limits.get("*")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EndpointPolicy:
-        """Read (and mark as read) the settings; a bad one is a :class:`UsageError`."""
+    def from_settings(
+        cls, settings: Settings, *, circuit_breaker: object = False, disable_on_gone: bool = False
+    ) -> EndpointPolicy:
+        """Read (and mark as read) the settings; a bad one is a :class:`UsageError`.
+
+        ``circuit_breaker`` and ``disable_on_gone`` are the values of those settings when
+        they are not given: off here, on for the Celery executor's workers.
+        """
         concurrency = settings.extra("origin_concurrency")
-        gone = settings.extra("disable_on_gone", False)
+        gone = settings.extra("disable_on_gone", disable_on_gone)
         if not isinstance(gone, bool):
             raise UsageError(f"setting 'disable_on_gone' must be True or False, got {gone!r}")
         return cls(
-            breaker=parse_breaker(settings.extra("circuit_breaker", False)),
+            breaker=parse_breaker(settings.extra("circuit_breaker", circuit_breaker)),
             rate_limits=parse_rate_limits(settings.extra("rate_limits")),
             concurrency=None
             if concurrency is None

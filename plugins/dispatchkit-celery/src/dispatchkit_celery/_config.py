@@ -25,6 +25,8 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 BROKER_ENV = "DISPATCHKIT_CELERY_BROKER"
 BACKEND_ENV = "DISPATCHKIT_CELERY_BACKEND"
 QUEUE_ENV = "DISPATCHKIT_CELERY_QUEUE"
+#: The caller's ``delivery_redis``, when the setting is not given (for ``dispatchkit`` commands).
+DELIVERY_REDIS_ENV = "DISPATCHKIT_DELIVERY_REDIS"
 DEFAULT_QUEUE = "dispatchkit"
 #: The worker's settings, as a JSON object (see the module docstring).
 WORKER_SETTINGS_ENV = "DISPATCHKIT_CELERY_WORKER_SETTINGS"
@@ -40,7 +42,18 @@ REDIS_SCHEMES = frozenset({"redis", "rediss"})
 IN_PROCESS_RETRY = ("retry_attempts", "retry_max_time", "retry_backoff", "retry_after_cap")
 #: Worker settings that are the worker's own, not its Dispatcher's.
 WORKER_ONLY = frozenset({"delivery_redis", "visibility_timeout", "delivery_poll_interval",
-                         "delivery_claim_lease"})  # fmt: skip
+                         "delivery_claim_lease", "attempts_ttl", "dead_letter_ttl",
+                         "endpoint_wait"})  # fmt: skip
+#: Seconds the records of a call's attempts are kept after its last attempt: 7 days.
+DEFAULT_ATTEMPTS_TTL = 7 * 24 * 3600.0
+#: Seconds a dead letter is kept unless replayed or purged first: 30 days.
+DEFAULT_DEAD_LETTER_TTL = 30 * 24 * 3600.0
+#: Endpoint isolation on the Celery executor, unless the settings say otherwise: every
+#: origin gets a circuit breaker, and a 410 Gone disables its URL (off in-process).
+ENDPOINT_DEFAULTS: Mapping[str, Any] = {"circuit_breaker": True, "disable_on_gone": True}
+#: Seconds a worker process waits for a rate limit's token or an in-flight slot before it
+#: defers the call through the delivery ledger (a call with a durable schedule).
+DEFAULT_ENDPOINT_WAIT = 1.0
 
 
 def restore_interval(visibility_timeout: float) -> int:
@@ -70,6 +83,13 @@ class WorkerConfig:
     delivery_poll_interval: float = 1.0
     #: Seconds a poller owns the calls it claimed: after that, another poller sends them.
     delivery_claim_lease: float = 30.0
+    #: Seconds the records of a call's attempts are kept after its last attempt.
+    attempts_ttl: float = DEFAULT_ATTEMPTS_TTL
+    #: Seconds a dead letter is kept; ``None``: until it is replayed or purged.
+    dead_letter_ttl: float | None = DEFAULT_DEAD_LETTER_TTL
+    #: Seconds an attempt may wait in the worker process for a slot at its origin (rate
+    #: limit, origin_concurrency); past that the call is deferred, no attempt spent.
+    endpoint_wait: float = DEFAULT_ENDPOINT_WAIT
     #: The core settings of ``dispatcher``, checked.
     core: Settings = field(init=False, repr=False, compare=False)
 
@@ -100,8 +120,11 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         core = {k: v for k, v in self.dispatcher.items() if k != "disable"}
         object.__setattr__(self, "core", Settings.from_kwargs(core))
-        for name in ("visibility_timeout", "delivery_poll_interval", "delivery_claim_lease"):
+        for name in ("visibility_timeout", "delivery_poll_interval", "delivery_claim_lease",
+                     "attempts_ttl", "endpoint_wait"):  # fmt: skip
             seconds(getattr(self, name), f"worker setting {name!r}")
+        if self.dead_letter_ttl is not None:
+            seconds(self.dead_letter_ttl, "worker setting 'dead_letter_ttl'")
         if self.delivery_redis is not None and not (
             isinstance(self.delivery_redis, str) and is_redis(self.delivery_redis)
         ):
@@ -150,8 +173,12 @@ class WorkerConfig:
 
 
 def build_dispatcher(config: WorkerConfig) -> Dispatcher:
-    """The worker's Dispatcher: its settings, and exactly one attempt per call."""
-    settings = dict(config.dispatcher)
+    """The worker's Dispatcher: its settings, and exactly one attempt per call.
+
+    Its endpoint guard keeps its state in the ledger's Redis (``endpoints_redis``),
+    shared by every worker, with :data:`ENDPOINT_DEFAULTS` unless the settings say.
+    """
+    settings = {**ENDPOINT_DEFAULTS, "endpoints_redis": config.ledger_url, **config.dispatcher}
     disable = [*settings.pop("disable", ()), "retry"]
     dispatcher = Dispatcher(**settings, executor="threads", disable=disable)
     retrying = [p.name for p in dispatcher.plugins if "dispatchkit_retry_policy" in p.hooks]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import celery.exceptions
@@ -12,11 +14,12 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult as CeleryAsyncResult
 
-from dispatchkit import Call, DispatchError, ResultTimeout, UsageError, states
+from dispatchkit import Attempt, Call, DispatchError, ResultTimeout, UsageError, states
 from dispatchkit._redact import mask_url
 from dispatchkit.exceptions import error_from_dict
 from dispatchkit_celery._app import make_app
-from dispatchkit_celery._config import DEFAULT_QUEUE, QUEUE_ENV, is_redis
+from dispatchkit_celery._config import DEFAULT_QUEUE, DELIVERY_REDIS_ENV, QUEUE_ENV, is_redis
+from dispatchkit_celery._dead_letters import DeadLetters, ledger_errors
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import RetrySchedule
 from dispatchkit_celery._wire import TASK_NAME, CarriedError, Waiting, message_kwargs
@@ -45,13 +48,22 @@ def _original(error: BaseException) -> BaseException:
 
 
 class CeleryResult:
-    """A call running on Celery, with the interface of ``dispatchkit.AsyncResult``."""
+    """A call running on Celery, with the interface of ``dispatchkit.AsyncResult``.
 
-    __slots__ = ("_default_timeout", "_result")
+    ``ledger`` gives the delivery ledger where the workers record each attempt.
+    """
 
-    def __init__(self, result: CeleryAsyncResult, default_timeout: float) -> None:
+    __slots__ = ("_default_timeout", "_ledger", "_result")
+
+    def __init__(
+        self,
+        result: CeleryAsyncResult,
+        default_timeout: float,
+        ledger: Callable[[], Ledger] | None = None,
+    ) -> None:
         self._result = result
         self._default_timeout = default_timeout
+        self._ledger = ledger
 
     @property
     def id(self) -> str:
@@ -65,6 +77,17 @@ class CeleryResult:
     @property
     def state(self) -> str:
         return _STATES.get(self._result.state, states.PENDING)
+
+    @property
+    def attempts(self) -> tuple[Attempt, ...]:
+        """The records of the call's attempts so far, oldest first, read from the ledger.
+
+        Also while the call waits in ``RETRY``; once the call is ready, every attempt
+        is there. A replayed call's old attempts come first.
+        """
+        if self._ledger is None:
+            raise UsageError(f"the attempts of task {self.id} are in a ledger this handle lacks")
+        return read_attempts(self._ledger, self.id)
 
     @property
     def due(self) -> float | None:
@@ -144,7 +167,11 @@ class CeleryExecutor:
         self._get_timeout = float(get_timeout)
         self._schedule = retries.to_dict() if retries is not None else None
         self._resend_after = retries.resend_after if retries is not None else 0.0
+        self._delivery_redis = delivery_redis
+        self._lock = threading.Lock()
         self._ledger = None if retries is None else Ledger(ledger_url(self.app, delivery_redis))
+        self._dead_letters: DeadLetters | None = None
+        self._closed = False
 
     def submit(self, call: Call) -> CeleryResult:
         data, ledger, schedule = call.to_dict(), self._ledger, self._schedule
@@ -164,19 +191,61 @@ class CeleryExecutor:
                 with contextlib.suppress(redis.RedisError):
                     ledger.forget(call.task_id)  # the caller gets the error: not sent
             raise
-        return CeleryResult(result, self._get_timeout)
+        return CeleryResult(result, self._get_timeout, self.ledger)
+
+    def ledger(self) -> Ledger:
+        """The delivery ledger, opened at the first need (a caller without a schedule may lack one).
+
+        A broker that is not Redis, without ``delivery_redis``, is a ``UsageError``.
+        """
+        with self._lock:
+            if self._closed:
+                raise UsageError("the Celery executor is shut down (its Dispatcher is closed)")
+            if self._ledger is None:
+                self._ledger = Ledger(ledger_url(self.app, self._delivery_redis))
+            return self._ledger
+
+    def result(self, task_id: str) -> CeleryResult:
+        """The handle of the call ``task_id`` (sent by any caller on the same broker)."""
+        return CeleryResult(self.app.AsyncResult(task_id), self._get_timeout, self.ledger)
+
+    def attempts(self, task_id: str) -> tuple[Attempt, ...]:
+        """The records of the attempts of the call ``task_id``, oldest first (``()``: none)."""
+        return read_attempts(self.ledger, task_id)
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        """The calls whose schedule ran out: list, look at, replay, purge."""
+        with self._lock:
+            if self._dead_letters is None:
+                self._dead_letters = DeadLetters(self.app, self.ledger, self.result)
+            return self._dead_letters
 
     def shutdown(self, wait: bool = True) -> None:
         # Calls already sent are the broker's now: they run whether we wait or not.
-        if self._ledger is not None:
-            self._ledger.close()
+        with self._lock:
+            ledger, self._ledger, self._closed = self._ledger, None, True
+        if ledger is not None:
+            ledger.close()
         if self._own_app:
             self.app.close()
+
+
+def read_attempts(ledger: Callable[[], Ledger], task_id: str) -> tuple[Attempt, ...]:
+    """The records of the call's attempts in ``ledger()``, as ``Attempt`` values."""
+    with ledger_errors(f"read the attempts of task {task_id}"):
+        records = ledger().attempts(task_id)
+    try:
+        return tuple(Attempt.from_dict(record) for record in records)
+    except UsageError as exc:
+        raise DispatchError(f"task {task_id} has an unreadable attempt record: {exc}") from exc
 
 
 def ledger_url(app: Celery, delivery_redis: str | None) -> str:
     """The ledger's Redis: ``delivery_redis``, else the broker if it is Redis."""
     broker = str(app.conf.broker_url or "")
+    if delivery_redis is None:
+        delivery_redis = os.environ.get(DELIVERY_REDIS_ENV) or None
     if delivery_redis is not None:
         if not (isinstance(delivery_redis, str) and is_redis(delivery_redis)):
             raise UsageError(
@@ -189,6 +258,6 @@ def ledger_url(app: Celery, delivery_redis: str | None) -> str:
     raise UsageError(
         "durable retry schedules keep calls in a Redis ledger, and the broker "
         f"{mask_url(broker)!r} is not Redis: give the ledger's URL with the setting "
-        "'delivery_redis' (the workers need the same one), or turn durable retries off "
-        "with retry_schedule=None"
+        f"'delivery_redis' or {DELIVERY_REDIS_ENV} (the workers need the same one), or turn "
+        "durable retries off with retry_schedule=None"
     )

@@ -1,6 +1,8 @@
 """The delivery ledger: every call under a durable schedule, until it ends, in Redis.
 
-Two kinds of keys, under ``dispatchkit:delivery:``:
+It also keeps the records of every call's attempts, and the dead letters.
+
+Its keys, under ``dispatchkit:delivery:``:
 
 * ``due``: a sorted set, task id -> when a poller must send the call's current
   attempt (unix seconds). While the call waits, that is its due time; once a
@@ -16,9 +18,17 @@ Two kinds of keys, under ``dispatchkit:delivery:``:
   ``done``. Until done it also holds ``call`` (the call's JSON), ``schedule``
   (the schedule's JSON) and ``queue``; ``error`` is the last failed
   attempt's error (``DispatchError.to_dict()``); ``duplicates`` counts the
-  messages dropped because their attempt was taken or over. A done call's hash
-  expires with its result. The records of each attempt will have their place
-  here too, as field ``attempts``.
+  messages dropped because their attempt was taken or over; ``offset`` (a
+  replayed call's) is the number of attempts the call made before its replay,
+  so that its attempts go on numbering after them. A done call's hash expires
+  with its result.
+* ``attempts:<task id>``: a list, the record of each attempt of the call
+  (``dispatchkit.Attempt.to_dict()`` as JSON), oldest first, whatever its
+  schedule; it expires ``attempts_ttl`` seconds after the last one was added.
+  The records of an attempt that failed and waits are added with the wait, those
+  of a call's last attempt before its result is stored: whoever sees a result
+  sees every record.
+* ``dead`` and ``dead:<task id>``: the dead letters (see ``_dead_letters.py``).
 
 Every message carries its attempt number and a token of its own. The first
 message to take an attempt runs it; another copy of the same attempt (sent
@@ -34,19 +44,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
+
+from dispatchkit_celery._config import DEFAULT_ATTEMPTS_TTL
 
 PREFIX = "dispatchkit:delivery:"
 QUEUED = "queued"
 RUNNING = "running"
 WAITING = "waiting"
 DONE = "done"
-#: Fields a done call no longer needs.
-_LIVE_FIELDS = ("call", "schedule", "queue", "due", "taken")
 
 # KEYS[1]: the due set. ARGV: lease seconds, most entries. Claims the due entries by
 # moving them to now + lease, on Redis's clock (one clock for every poller).
@@ -79,12 +91,14 @@ return 1
 """
 
 # KEYS[1]: the call's hash, KEYS[2]: the due set. ARGV: attempt, token, task id.
-# Returns 1 when the message may run its attempt, 0 when it is a duplicate.
+# Returns the call's offset (>= 0) when the message may run its attempt, -1 when it is a
+# duplicate.
 _TAKE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
-  return 1
+  return 0
 end
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
 local attempt = tonumber(ARGV[1])
 local recorded = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
 if state ~= 'done' and recorded == attempt then
@@ -92,16 +106,32 @@ if state ~= 'done' and recorded == attempt then
   if not taken then
     redis.call('HSET', KEYS[1], 'state', 'running', 'taken', ARGV[2])
     redis.call('ZREM', KEYS[2], ARGV[3])
-    return 1
+    return offset
   end
   if taken == ARGV[2] then
-    return 1
+    return offset
   end
 elseif state ~= 'done' and recorded < attempt then
-  return 1
+  return offset
 end
 redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
-return 0
+return -1
+"""
+
+# KEYS[1]: the call's hash, KEYS[2]: the due set. ARGV: attempt, seconds to keep, task id,
+# offset ('' : any). A call replayed since (its offset changed) is a new round: left alone.
+_FINISH = """
+if ARGV[4] ~= '' then
+  local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+  if offset ~= tonumber(ARGV[4]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'state', 'done', 'attempt', ARGV[1])
+redis.call('HDEL', KEYS[1], 'call', 'schedule', 'queue', 'due', 'taken')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
 """
 
 
@@ -144,6 +174,7 @@ class Ledger:
         self._claim = self.client.register_script(_CLAIM)
         self._release = self.client.register_script(_RELEASE)
         self._take = self.client.register_script(_TAKE)
+        self._finish = self.client.register_script(_FINISH)
 
     def close(self) -> None:
         self.client.close()
@@ -151,6 +182,14 @@ class Ledger:
     def call_key(self, task_id: str) -> str:
         """The key of the call's hash."""
         return f"{self.prefix}call:{task_id}"
+
+    def attempts_key(self, task_id: str) -> str:
+        """The key of the list of the call's attempt records."""
+        return f"{self.prefix}attempts:{task_id}"
+
+    def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        """The records of the call's attempts, oldest first (``Attempt.to_dict()`` each)."""
+        return [json.loads(raw) for raw in self.client.lrange(self.attempts_key(task_id), 0, -1)]
 
     # -- the caller ---------------------------------------------------------------------
 
@@ -188,9 +227,33 @@ class Ledger:
 
     def take(self, task_id: str, attempt: int, token: str) -> bool:
         """Whether the message ``token`` of attempt ``attempt`` runs it (else: a duplicate)."""
-        return bool(
+        return self.take_attempt(task_id, attempt, token) is not None
+
+    def take_attempt(self, task_id: str, attempt: int, token: str) -> int | None:
+        """:meth:`take`: the call's offset when the message runs its attempt, else ``None``.
+
+        The offset is what the call's attempt numbers start from (0 unless it was replayed).
+        """
+        offset = int(
             self._take(keys=[self.call_key(task_id), self.due], args=[attempt, token, task_id])
         )
+        return None if offset < 0 else offset
+
+    def record(self, task_id: str, records: Sequence[Mapping[str, Any]], ttl: float) -> None:
+        """Add the records of attempts that ended; keep them ``ttl`` s after this."""
+        if records:
+            with self.client.pipeline(transaction=True) as pipe:
+                self.add_records(pipe, task_id, records, ttl)
+                pipe.execute()
+
+    def add_records(
+        self, pipe: Pipeline, task_id: str, records: Sequence[Mapping[str, Any]], ttl: float
+    ) -> None:
+        """Queue the writes of :meth:`record` on ``pipe`` (with the others of the moment)."""
+        if records:
+            key = self.attempts_key(task_id)
+            pipe.rpush(key, *(json.dumps(record) for record in records))
+            pipe.expire(key, max(1, int(ttl)))
 
     def wait(
         self,
@@ -201,8 +264,13 @@ class Ledger:
         attempt: int,
         due: float,
         error: dict[str, Any],
+        records: Sequence[Mapping[str, Any]] = (),
+        records_ttl: float = DEFAULT_ATTEMPTS_TTL,
     ) -> None:
-        """Record that attempt ``attempt`` of the call is due at ``due``, durably."""
+        """Record that attempt ``attempt`` of the call is due at ``due``, durably.
+
+        ``records`` (of the attempt that failed) are added in the same transaction.
+        """
         key = self.call_key(task_id)
         fields: dict[FieldT, EncodableT] = {
             "state": WAITING,
@@ -218,17 +286,22 @@ class Ledger:
             pipe.hdel(key, "taken")
             pipe.persist(key)
             pipe.zadd(self.due, {task_id: due})
+            self.add_records(pipe, task_id, records, records_ttl)
             pipe.execute()
 
-    def finish(self, task_id: str, attempt: int, ttl: float) -> None:
-        """Record that the call ended with attempt ``attempt``; forget it after ``ttl`` s."""
-        key = self.call_key(task_id)
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"state": DONE, "attempt": attempt})
-            pipe.hdel(key, *_LIVE_FIELDS)
-            pipe.expire(key, max(1, int(ttl)))
-            pipe.zrem(self.due, task_id)
-            pipe.execute()
+    def finish(self, task_id: str, attempt: int, ttl: float, offset: int | None = None) -> bool:
+        """Record that the call ended with attempt ``attempt``; forget it after ``ttl`` s.
+
+        With ``offset`` (what :meth:`take_attempt` said), only if the call was not
+        replayed since: a replay that came first started a round of its own.
+        """
+        again = "" if offset is None else offset
+        return bool(
+            self._finish(
+                keys=[self.call_key(task_id), self.due],
+                args=[attempt, max(1, int(ttl)), task_id, again],
+            )
+        )
 
     # -- the poller -------------------------------------------------------------------
 

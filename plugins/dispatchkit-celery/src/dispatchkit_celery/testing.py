@@ -120,8 +120,14 @@ def celery_worker(
     url: str = REDIS_URL,
     timeout: float = 60.0,
     worker_settings: Mapping[str, object] | None = None,
+    app: str = "dispatchkit_celery.worker",
 ) -> Iterator[Worker]:
-    """Start ``celery -A dispatchkit_celery.worker worker`` (prefork) and wait until it is ready."""
+    """Start ``celery -A <app> worker`` (prefork) and wait until it is ready.
+
+    ``app`` is the module of the worker's Celery app: by default the plugin's
+    own; a module of yours that imports it and registers more tasks (a
+    benchmark's no-op, for instance) runs those in a worker started the same way.
+    """
     name = f"test-{uuid.uuid4().hex[:8]}@%h"
     env = {
         **os.environ,
@@ -136,7 +142,7 @@ def celery_worker(
             "-m",
             "celery",
             "-A",
-            "dispatchkit_celery.worker",
+            app,
             "worker",
             "--pool",
             "prefork",
