@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker, flush, redis_reachable
+from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker
 
-from conftest import peer_stats, require
+from conftest import peer_stats
 from dispatchkit import (
     URL,
     ConnectError,
@@ -25,16 +25,15 @@ from dispatchkit import (
     ResultTimeout,
     states,
 )
+from support.celery_env import redis_db
 
 QUEUE = f"dispatchkit-test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    require(redis_reachable(), f"Redis is not reachable at {REDIS_URL}")
-    flush()
-    yield REDIS_URL
-    flush()
+    with redis_db(REDIS_URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

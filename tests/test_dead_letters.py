@@ -33,9 +33,8 @@ from dispatchkit_celery import attempts, dead_letters
 from dispatchkit_celery._app import make_app
 from dispatchkit_celery._dead_letters import DeadLetters, bury, dead_key, letter_key
 from dispatchkit_celery._ledger import Ledger
-from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker, flush, redis_reachable
+from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker
 
-from conftest import require
 from dispatchkit import (
     Call,
     ConnectError,
@@ -46,6 +45,8 @@ from dispatchkit import (
 )
 from dispatchkit._cli import main
 from dispatchkit._delivery_cli import parse_when
+from support import celery_env
+from support.celery_env import ledger_on, redis_db
 
 #: The test suite's Redis, database 9: this module's own.
 URL = urlunsplit(urlsplit(REDIS_URL)._replace(path="/9"))
@@ -68,12 +69,7 @@ PATIENCE = 60.0
 
 
 def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return celery_env.eventually(condition, timeout)
 
 
 def refusing_origin() -> str:
@@ -97,10 +93,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    require(redis_reachable(URL), f"Redis is not reachable at {URL}")
-    flush(URL)
-    yield URL
-    flush(URL)
+    with redis_db(URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +105,8 @@ def worker(redis_url: str) -> Iterator[Worker]:
 
 @pytest.fixture
 def ledger(redis_url: str) -> Iterator[Ledger]:
-    opened = Ledger(redis_url)
-    yield opened
-    opened.close()
+    with ledger_on(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture

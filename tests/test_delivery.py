@@ -25,9 +25,8 @@ from dispatchkit_celery._config import WorkerConfig
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import RetrySchedule
 from dispatchkit_celery._wire import TASK_NAME, message_kwargs
-from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker, flush, redis_reachable
+from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker
 
-from conftest import require
 from dispatchkit import (
     ConnectError,
     Dispatcher,
@@ -37,6 +36,8 @@ from dispatchkit import (
     UsageError,
     states,
 )
+from support import celery_env
+from support.celery_env import ledger_on, redis_db
 from support.scripted_server import Connection, ScriptedServer, envelope, response
 
 QUEUE = f"dispatchkit-delivery-{uuid.uuid4().hex[:8]}"
@@ -124,12 +125,7 @@ def waits(ledger: Ledger, result: Any) -> bool:
 
 
 def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return celery_env.eventually(condition, timeout)
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -137,10 +133,8 @@ def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -> bool
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    require(redis_reachable(), f"Redis is not reachable at {REDIS_URL}")
-    flush()
-    yield REDIS_URL
-    flush()
+    with redis_db(REDIS_URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +147,8 @@ def worker(redis_url: str) -> Iterator[Worker]:
 @pytest.fixture
 def ledger(redis_url: str) -> Iterator[Ledger]:
     """The workers' ledger, to look into (and move a due time forward)."""
-    opened = Ledger(redis_url)
-    yield opened
-    opened.close()
+    with ledger_on(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -29,10 +29,11 @@ import redis
 from celery import Celery
 from dispatchkit_celery._app import make_app
 from dispatchkit_celery._ledger import Ledger
-from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker, flush, redis_reachable
+from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker
 
-from conftest import require
 from dispatchkit import Dispatcher, states
+from support import celery_env
+from support.celery_env import ledger_on, redis_db
 from support.scripted_server import RawRequest, ScriptedServer, envelope, response, serve
 
 #: The test suite's Redis, database 8: this module's own.
@@ -61,12 +62,7 @@ SETTINGS: dict[str, object] = {
 
 
 def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return celery_env.eventually(condition, timeout)
 
 
 def dead_url() -> str:
@@ -107,10 +103,8 @@ def in_broker(db: redis.Redis, ids: set[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    require(redis_reachable(URL), f"Redis is not reachable at {URL}")
-    flush(URL)
-    yield URL
-    flush(URL)
+    with redis_db(URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +117,8 @@ def worker(redis_url: str) -> Iterator[Worker]:
 
 @pytest.fixture
 def ledger(redis_url: str) -> Iterator[Ledger]:
-    opened = Ledger(redis_url)
-    yield opened
-    opened.close()
+    with ledger_on(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture

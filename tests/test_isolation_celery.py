@@ -35,9 +35,8 @@ from dispatchkit_celery._guard import (
 )
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._wire import Waiting
-from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker, flush, redis_reachable
+from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker
 
-from conftest import require
 from dispatchkit import (
     CircuitOpenError,
     Dispatcher,
@@ -50,6 +49,8 @@ from dispatchkit import (
 from dispatchkit._cli import main
 from dispatchkit._endpoints import endpoint_key
 from dispatchkit.builtin.endpoints import EndpointPolicy, MemoryGuard
+from support import celery_env
+from support.celery_env import ledger_on, redis_db
 from support.probes import free_port
 from support.scripted_server import (
     RawRequest,
@@ -148,10 +149,8 @@ class Dead:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    require(redis_reachable(URL), f"Redis is not reachable at {URL}")
-    flush(URL)
-    yield URL
-    flush(URL)
+    with redis_db(URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +207,8 @@ def guard(redis_url: str, dead: dict[str, Dead]) -> Iterator[RedisGuard]:
 
 @pytest.fixture
 def ledger(redis_url: str) -> Iterator[Ledger]:
-    opened = Ledger(redis_url)
-    yield opened
-    opened.close()
+    with ledger_on(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -244,12 +242,7 @@ def policy(**settings: Any) -> EndpointPolicy:
 
 
 def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return celery_env.eventually(condition, timeout, 0.02)
 
 
 def state_of(guard: RedisGuard, url: str) -> Any:
