@@ -131,14 +131,37 @@ class Dispatcher:
         call = Call(
             url, method, kwargs or _EMPTY, task_id or new_task_id(), timeout, headers, json, options
         )
-        # Built here only to be checked (method, URL, arguments, headers, options) in the
-        # caller, before anything is queued; the executor builds it again where it runs.
-        request = self._pipeline.build(call)
-        if call.method != request.method:
-            call = Call(
-                call.url, request.method, call.kwargs, call.task_id, timeout, headers, json, options
-            )
-        return self._get_executor().submit(call)
+        return self._get_executor().submit(self._checked(call))
+
+    def submit_many(
+        self,
+        url: str,
+        calls: Iterable[Mapping[str, Any]],
+        method: str = "GET",
+        *,
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        json: bool = False,
+        options: Mapping[str, str] | None = None,
+    ) -> list[Result]:
+        """Start one call of ``url`` per mapping of arguments in ``calls``; their handles, in order.
+
+        Each call gets a task id of its own (its ``Idempotency-Key``), and the
+        other arguments are every call's (see :meth:`apply_async`). Every call is
+        built and checked here before any is queued: a bad one raises and none
+        is sent. An executor with a ``submit_many`` method takes them all at once
+        (the Celery executor sends them in chunks, one message each); any other
+        gets them one by one through ``submit``.
+        """
+        checked = [
+            self._checked(Call(url, method, kwargs, new_task_id(), timeout, headers, json, options))
+            for kwargs in calls
+        ]
+        executor = self._get_executor()
+        many = getattr(executor, "submit_many", None)
+        if many is None:
+            return [executor.submit(call) for call in checked]
+        return list(many(checked))
 
     def map(
         self,
@@ -175,6 +198,17 @@ class Dispatcher:
         if failed:
             raise next(v for v in values if isinstance(v, DispatchError))
         return values
+
+    def _checked(self, call: Call) -> Call:
+        """``call``, built here only to be checked (method, URL, arguments, headers, options)
+        in the caller, before anything is queued; the executor builds it again where it runs."""
+        request = self._pipeline.build(call)
+        if call.method == request.method:
+            return call
+        return Call(
+            call.url, request.method, call.kwargs, call.task_id, call.timeout, call.headers,
+            call.json, call.options,
+        )  # fmt: skip
 
     @staticmethod
     def _collect(result: Result, values: list[Any], return_exceptions: bool) -> bool:

@@ -14,6 +14,8 @@ setting                    environment                     default
 ``celery_backend``         ``DISPATCHKIT_CELERY_BACKEND``  the broker URL
 ``celery_queue``           ``DISPATCHKIT_CELERY_QUEUE``    ``dispatchkit``
 ``celery_get_timeout``     --                              300 seconds
+``celery_batch_size``      --                              100 calls per message of
+                                                           ``submit_many``
 ``retry_schedule``         --                              5 s, 5 min, 30 min, 2 h, 5 h,
                                                            10 h, 10 h (``None``: no retry)
 ``retry_jitter``           --                              0.2 (each wait times 1 ± 0.2)
@@ -50,7 +52,14 @@ from typing import TYPE_CHECKING, Any
 
 from dispatchkit import Attempt, Dispatcher, Settings, UsageError, hookimpl
 from dispatchkit.builtin.endpoints import EndpointPolicy
-from dispatchkit_celery._config import DELIVERY_REDIS_ENV, ENDPOINT_DEFAULTS, broker_url, is_redis
+from dispatchkit_celery._config import (
+    DEFAULT_BATCH_SIZE,
+    DELIVERY_REDIS_ENV,
+    ENDPOINT_DEFAULTS,
+    broker_url,
+    checked_batch_size,
+    is_redis,
+)
 from dispatchkit_celery._schedule import RETRY_SETTINGS, RetrySchedule
 
 if TYPE_CHECKING:
@@ -84,6 +93,7 @@ class CeleryPlugin:
             "backend": extra("celery_backend"),
             "queue": extra("celery_queue"),
             "get_timeout": extra("celery_get_timeout", 300.0),
+            "batch_size": checked_batch_size(extra("celery_batch_size", DEFAULT_BATCH_SIZE)),
         }
         shared = extra("endpoints_redis", _UNSET)
         if shared not in (_UNSET, None) and not (isinstance(shared, str) and is_redis(shared)):

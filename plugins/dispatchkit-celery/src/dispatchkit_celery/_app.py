@@ -1,4 +1,4 @@
-"""The Celery app: its configuration, the one task, and the ledger's poller in workers."""
+"""The Celery app: its configuration, its two tasks, and the ledger's poller in workers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dispatchkit_celery._config import (
     restore_interval,
 )
 from dispatchkit_celery._poller import PollerStep
-from dispatchkit_celery._task import DispatchTask, http_dispatch
-from dispatchkit_celery._wire import TASK_NAME
+from dispatchkit_celery._task import DispatchTask, http_dispatch, http_dispatch_batch
+from dispatchkit_celery._wire import BATCH_TASK_NAME, TASK_NAME
 
 
 def make_app(
@@ -59,5 +59,9 @@ def make_app(
     )
     # The task writes STARTED itself, once it knows the delivery is not a duplicate.
     app.task(name=TASK_NAME, bind=True, base=DispatchTask, track_started=False)(http_dispatch)
+    # A chunk stores each call's result under the call's own id, nothing under its own.
+    app.task(name=BATCH_TASK_NAME, bind=True, ignore_result=True, track_started=False)(
+        http_dispatch_batch
+    )
     app.steps["worker"].add(PollerStep)
     return app

@@ -28,6 +28,9 @@ QUEUE_ENV = "DISPATCHKIT_CELERY_QUEUE"
 #: The caller's ``delivery_redis``, when the setting is not given (for ``dispatchkit`` commands).
 DELIVERY_REDIS_ENV = "DISPATCHKIT_DELIVERY_REDIS"
 DEFAULT_QUEUE = "dispatchkit"
+#: Calls per message of ``submit_many`` (``celery_batch_size``), and the most allowed.
+DEFAULT_BATCH_SIZE = 100
+MAX_BATCH_SIZE = 10_000
 #: The worker's settings, as a JSON object (see the module docstring).
 WORKER_SETTINGS_ENV = "DISPATCHKIT_CELERY_WORKER_SETTINGS"
 
@@ -54,6 +57,16 @@ ENDPOINT_DEFAULTS: Mapping[str, Any] = {"circuit_breaker": True, "disable_on_gon
 #: Seconds a worker process waits for a rate limit's token or an in-flight slot before it
 #: defers the call through the delivery ledger (a call with a durable schedule).
 DEFAULT_ENDPOINT_WAIT = 1.0
+
+
+def checked_batch_size(value: Any) -> int:
+    """``celery_batch_size``, checked: calls per message of ``submit_many``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+        raise UsageError(
+            f"setting 'celery_batch_size' must be a whole number from 1 to {MAX_BATCH_SIZE}, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def restore_interval(visibility_timeout: float) -> int:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import celery.exceptions
@@ -18,11 +18,24 @@ from dispatchkit import Attempt, Call, DispatchError, ResultTimeout, UsageError,
 from dispatchkit._redact import mask_url
 from dispatchkit.exceptions import error_from_dict
 from dispatchkit_celery._app import make_app
-from dispatchkit_celery._config import DEFAULT_QUEUE, DELIVERY_REDIS_ENV, QUEUE_ENV, is_redis
+from dispatchkit_celery._config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_QUEUE,
+    DELIVERY_REDIS_ENV,
+    QUEUE_ENV,
+    checked_batch_size,
+    is_redis,
+)
 from dispatchkit_celery._dead_letters import DeadLetters, ledger_errors
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import RetrySchedule
-from dispatchkit_celery._wire import TASK_NAME, CarriedError, Waiting, message_kwargs
+from dispatchkit_celery._wire import (
+    BATCH_TASK_NAME,
+    TASK_NAME,
+    CarriedError,
+    Waiting,
+    message_kwargs,
+)
 
 # Celery has more states than dispatchkit; the extra ones map to the nearest.
 _STATES = {
@@ -146,7 +159,8 @@ class CeleryExecutor:
     """Sends each call as a ``dispatchkit.http_dispatch`` message; its id is the task id.
 
     ``retries`` (``None``: one attempt) travels in the message: the workers
-    follow the schedule of the caller that submitted the call.
+    follow the schedule of the caller that submitted the call. :meth:`submit_many`
+    sends up to ``batch_size`` calls per ``dispatchkit.http_dispatch_batch`` message.
     """
 
     def __init__(
@@ -158,7 +172,9 @@ class CeleryExecutor:
         get_timeout: float = 300.0,
         retries: RetrySchedule | None = None,
         delivery_redis: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
+        self.batch_size = checked_batch_size(batch_size)
         if app is not None and not isinstance(app, Celery):
             raise UsageError(f"setting 'celery_app' must be a Celery app, got {app!r}")
         self._own_app = app is None
@@ -192,6 +208,36 @@ class CeleryExecutor:
                     ledger.forget(call.task_id)  # the caller gets the error: not sent
             raise
         return CeleryResult(result, self._get_timeout, self.ledger)
+
+    def submit_many(self, calls: Sequence[Call]) -> list[CeleryResult]:
+        """Send ``calls`` in chunks of ``batch_size``, one message each; their handles, in order.
+
+        Each chunk's calls are recorded in the ledger first, in one round trip, as
+        :meth:`submit` records one. An error while sending a chunk is raised: the
+        chunks before it were sent, this one and those after it were not.
+        """
+        ledger, schedule = self._ledger, self._schedule
+        results: list[CeleryResult] = []
+        for start in range(0, len(calls), self.batch_size):
+            chunk = calls[start : start + self.batch_size]
+            data = [call.to_dict() for call in chunk]
+            ids = [call.task_id for call in chunk]
+            if ledger is not None and schedule is not None:
+                ledger.enqueue_many(
+                    list(zip(ids, data, strict=True)), schedule, self.queue, self._resend_after
+                )
+            try:
+                self.app.send_task(
+                    BATCH_TASK_NAME, args=[data], kwargs=message_kwargs(1, schedule),
+                    queue=self.queue,
+                )  # fmt: skip
+            except BaseException:
+                if ledger is not None:
+                    with contextlib.suppress(redis.RedisError):
+                        ledger.forget_many(ids)  # the caller gets the error: not sent
+                raise
+            results.extend(self.result(task_id) for task_id in ids)
+        return results
 
     def ledger(self) -> Ledger:
         """The delivery ledger, opened at the first need (a caller without a schedule may lack one).

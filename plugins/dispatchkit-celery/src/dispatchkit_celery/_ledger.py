@@ -202,25 +202,46 @@ class Ledger:
         resend_after: float,
     ) -> None:
         """Record attempt 1 before its message is sent: sent again if no worker takes it."""
-        fields: dict[FieldT, EncodableT] = {
-            "state": QUEUED,
-            "attempt": 1,
-            "call": json.dumps(call),
-            "schedule": json.dumps(schedule),
-            "queue": queue,
-        }
-        key = self.call_key(task_id)
+        self.enqueue_many([(task_id, call)], schedule, queue, resend_after)
+
+    def enqueue_many(
+        self,
+        calls: Sequence[tuple[str, dict[str, Any]]],
+        schedule: dict[str, Any],
+        queue: str,
+        resend_after: float,
+    ) -> None:
+        """:meth:`enqueue` for each (task id, call) of ``calls``, in one transaction."""
+        if not calls:
+            return
+        plan = json.dumps(schedule)
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.hset(key, mapping=fields)
-            pipe.zadd(self.due, {task_id: time.time() + resend_after})
+            for task_id, call in calls:
+                key = self.call_key(task_id)
+                fields: dict[FieldT, EncodableT] = {
+                    "state": QUEUED,
+                    "attempt": 1,
+                    "call": json.dumps(call),
+                    "schedule": plan,
+                    "queue": queue,
+                }
+                pipe.delete(key)
+                pipe.hset(key, mapping=fields)
+            resend = time.time() + resend_after
+            pipe.zadd(self.due, {task_id: resend for task_id, _ in calls})
             pipe.execute()
 
     def forget(self, task_id: str) -> None:
         """Drop a call whose first message could not be sent (the caller got the error)."""
+        self.forget_many([task_id])
+
+    def forget_many(self, task_ids: Sequence[str]) -> None:
+        """:meth:`forget` each of ``task_ids``, in one transaction."""
+        if not task_ids:
+            return
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.call_key(task_id))
-            pipe.zrem(self.due, task_id)
+            pipe.delete(*(self.call_key(task_id) for task_id in task_ids))
+            pipe.zrem(self.due, *task_ids)
             pipe.execute()
 
     # -- the worker -----------------------------------------------------------------

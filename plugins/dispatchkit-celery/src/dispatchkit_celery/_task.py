@@ -1,5 +1,12 @@
 """The worker's side: task ``dispatchkit.http_dispatch``, one attempt per delivery.
 
+Task ``dispatchkit.http_dispatch_batch`` carries the first attempt of a chunk
+of calls (``submit_many``) and runs them concurrently on a small thread pool,
+each through the same per-call path (:func:`dispatch_call`) with its own task
+id: taken in the ledger, attempts recorded, result stored under that id, a
+wait or a dead letter of its own. A call the chunk could not start in time to
+finish within the visibility timeout is sent on as a single message instead.
+
 An attempt that fails and may be retried is not retried here: the worker
 records the wait in the delivery ledger, sets Celery state ``RETRY``, and lets
 Celery acknowledge the message (``Ignore``). A poller sends the next attempt
@@ -23,7 +30,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -32,17 +40,20 @@ import redis
 from celery.exceptions import Ignore, Reject
 
 from dispatchkit import Attempt, Call, Dispatcher, DispatchError, EndpointDisabledError
-from dispatchkit_celery._config import WorkerConfig, build_dispatcher
+from dispatchkit_celery._config import WorkerConfig, build_dispatcher, is_redis
 from dispatchkit_celery._dead_letters import bury
 from dispatchkit_celery._guard import deferrable, deferred_until
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import RetrySchedule
-from dispatchkit_celery._wire import CarriedError, Waiting
+from dispatchkit_celery._wire import TASK_NAME, CarriedError, Waiting, message_kwargs
 
 log = logging.getLogger("dispatchkit.celery")
 
 #: How long a done call's ledger record is kept when the app sets no ``result_expires``.
 DEFAULT_DONE_TTL = 24 * 3600.0
+#: The share of its visibility timeout a chunk's calls may fill: one starts only if its
+#: longest attempt ends within it (the rest is for the writes and the ack).
+CHUNK_SHARE = 0.85
 
 
 class _Process:
@@ -53,6 +64,7 @@ class _Process:
         self.config = WorkerConfig.from_env(broker)
         self._dispatcher: Dispatcher | None = None
         self._ledger: Ledger | None = None
+        self._threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     @property
@@ -70,6 +82,16 @@ class _Process:
                 assert url is not None  # WorkerConfig refuses a worker without one
                 self._ledger = Ledger(url)
             return self._ledger
+
+    @property
+    def threads(self) -> ThreadPoolExecutor:
+        """The threads that run a chunk's calls: as many as the Dispatcher's pool of connections."""
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(
+                    self.config.core.pool_maxsize, thread_name_prefix="dispatchkit-batch"
+                )
+            return self._threads
 
 
 _process: _Process | None = None
@@ -103,11 +125,20 @@ class DispatchTask(celery.Task):  # type: ignore[misc]  # Celery ships no type h
             return
         # What take() said; a replay that came in meanwhile has its own: left alone.
         offset = getattr(self.request, "dispatchkit_offset", None)
-        try:
-            ledger = worker_process(self.app).ledger
-            ledger.finish(task_id, int(kwargs.get("attempt", 1)), _done_ttl(self.app), offset)
-        except redis.RedisError as exc:
-            log.warning("task %s: cannot record its end in the ledger: %s", task_id, exc)
+        _finish(self.app, task_id, int(kwargs.get("attempt", 1)), offset)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One call's share of a message: its task id, where the message came from and by
+    which queue, and the call's offset as the ledger gave it (see :meth:`Ledger.take_attempt`;
+    ``None`` until then, or when the ledger could not say)."""
+
+    app: celery.Celery
+    task_id: str
+    hostname: str | None
+    queue: str
+    offset: int | None = None
 
 
 def http_dispatch(
@@ -118,8 +149,112 @@ def http_dispatch(
     token: str = "",
 ) -> Any:
     """Make attempt ``attempt`` of the call; the task id is its Idempotency-Key."""
-    task_id: str = task.request.id
+    delivery = Delivery(task.app, task.request.id, task.request.hostname, _queue(task))
+    try:
+        return dispatch_call(delivery, call, attempt, schedule, token)
+    finally:
+        task.request.dispatchkit_offset = delivery.offset  # for after_return
+
+
+def http_dispatch_batch(
+    task: celery.Task,
+    calls: list[dict[str, Any]],
+    attempt: int = 1,
+    schedule: Any = None,
+    token: str = "",
+) -> None:
+    """Make attempt ``attempt`` of each of ``calls``, concurrently, each under its own task id.
+
+    Each call's result goes to the backend under its task id as its attempt ends.
+    A call whose ledger or result could not be written hands the whole message
+    back to the broker once the others ended: their copies are then duplicates.
+    """
     process = worker_process(task.app)
+    hostname, queue, started = task.request.hostname, _queue(task), time.monotonic()
+
+    def one(call: dict[str, Any]) -> bool:
+        return _run_in_batch(task.app, process, call, attempt, schedule, token, hostname, queue,
+                             started)  # fmt: skip
+
+    handed_back = sum(process.threads.map(one, calls))
+    if handed_back:
+        raise Reject(f"{handed_back} call(s) of the chunk could not be recorded", requeue=True)
+
+
+def _run_in_batch(
+    app: celery.Celery,
+    process: _Process,
+    call: dict[str, Any],
+    attempt: int,
+    schedule: Any,
+    token: str,
+    hostname: str | None,
+    queue: str,
+    started: float,
+) -> bool:
+    """One call of a chunk, as its own message would run it; ``True``: hand the chunk back."""
+    task_id = str(call.get("task_id") or "")
+    if not task_id:  # the executor gives every call its id: not a message of ours
+        log.error("a chunk's call without a task id: dropped")
+        return False
+    if _out_of_time(process.config, call.get("timeout"), started):
+        # It could not end within the visibility timeout of this message: its own message
+        # (which takes it in the ledger first; a copy of the chunk is then a duplicate).
+        try:
+            app.send_task(TASK_NAME, args=[call], kwargs=message_kwargs(attempt, schedule),
+                          task_id=task_id, queue=queue)  # fmt: skip
+        except Exception as exc:
+            log.error("task %s: cannot send it on alone (%s): chunk handed back", task_id, exc)
+            return True
+        log.info("task %s: sent on alone, the chunk's time is up", task_id)
+        return False
+    delivery = Delivery(app, task_id, hostname, queue)
+    try:
+        retval = dispatch_call(delivery, call, attempt, schedule, token)
+    except Ignore:  # it waits in the ledger, or it was a duplicate
+        return False
+    except Reject:  # the ledger could not record it
+        return True
+    except Exception as exc:  # its failure: stored as the single task's would be
+        state, value = "FAILURE", exc
+    else:
+        state, value = "SUCCESS", retval
+    try:
+        app.backend.store_result(task_id, value, state)
+    except Exception as exc:
+        log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
+        return True
+    if schedule is not None:
+        _finish(app, task_id, attempt, delivery.offset)
+    return False
+
+
+def _out_of_time(config: WorkerConfig, timeout: Any, started: float) -> bool:
+    """Whether a chunk's call, started now, could outlast the chunk's visibility timeout
+    (its longest attempt ending after :data:`CHUNK_SHARE` of it)."""
+    if not is_redis(config.broker):
+        return False  # RabbitMQ hands a message back when the connection drops, not on a timer
+    budget = config.visibility_timeout * CHUNK_SHARE
+    deadline = config.attempt_deadline(timeout if isinstance(timeout, (int, float)) else None)
+    # A call that could not fit even alone is left to dispatch_call's own check.
+    return deadline <= budget and time.monotonic() - started + deadline > budget
+
+
+def dispatch_call(
+    delivery: Delivery,
+    call: dict[str, Any],
+    attempt: int = 1,
+    schedule: Any = None,
+    token: str = "",
+) -> Any:
+    """The per-call path: make attempt ``attempt`` of ``call`` and return its retval.
+
+    A final failure raises :class:`CarriedError`; a call that waits in the ledger
+    for its next attempt, and a duplicate, raise ``Ignore``; a wait the ledger
+    could not record raises ``Reject`` (the message is handed back).
+    """
+    task_id = delivery.task_id
+    process = worker_process(delivery.app)
     try:
         spec = Call.from_dict({**call, "task_id": call.get("task_id") or task_id})
         retries = None if schedule is None else RetrySchedule.from_dict(schedule)
@@ -129,9 +264,9 @@ def http_dispatch(
     offset: int | None = 0
     if retries is not None:
         offset = _take(process, task_id, attempt, token)
-    task.request.dispatchkit_offset = offset
+    delivery.offset = offset
     number = attempt + (offset or 0)  # a replayed call's attempts number on after the old
-    _set_state(task, "STARTED", {"pid": os.getpid(), "hostname": task.request.hostname})
+    _set_state(delivery, "STARTED", {"pid": os.getpid(), "hostname": delivery.hostname})
     attempts: list[Attempt] = []
     # With a schedule, a long wait for a slot at the origin defers the call instead (before
     # the wait would outlast the call's timeout, a DispatchTimeout that spends an attempt).
@@ -144,31 +279,31 @@ def http_dispatch(
     except DispatchError as exc:
         failure = exc
     else:
-        _record(task, process, _records(task, attempts, number))
+        _record(delivery, process, _records(delivery, attempts, number))
         return retval
     back = None if retries is None else deferred_until(failure, time.time())
     if retries is not None and back is not None:  # nothing was sent: no attempt spent
-        _schedule_next(task, process, spec, retries, attempt, back, failure, [])
+        _schedule_next(delivery, process, spec, retries, attempt, back, failure, [])
         raise Ignore()
-    records = _records(task, attempts, number)
+    records = _records(delivery, attempts, number)
     wait = None if retries is None else retries.wait_after(attempt, failure)
     if retries is None or wait is None:
         # A disabled URL's call waits as a dead letter, to be replayed once it is enabled.
         gone = isinstance(failure, EndpointDisabledError)
         if retries is not None and (retries.retryable(failure) or gone):
-            _bury(task, process, spec, retries, number, failure, records)
+            _bury(delivery, process, spec, retries, number, failure, records)
         else:
-            _record(task, process, records)
+            _record(delivery, process, records)
             if retries is not None:
                 log.info("task %s: attempt %d failed for good: %s", task_id, number, failure)
         raise _carried(failure)
     due = time.time() + wait
-    _schedule_next(task, process, spec, retries, attempt + 1, due, failure, records)
+    _schedule_next(delivery, process, spec, retries, attempt + 1, due, failure, records)
     raise Ignore()
 
 
 def _schedule_next(
-    task: DispatchTask,
+    delivery: Delivery,
     process: _Process,
     spec: Call,
     retries: RetrySchedule,
@@ -182,12 +317,12 @@ def _schedule_next(
     ``RETRY`` is written first: once the ledger holds the call, the next attempt
     may start (and write its own state) at any moment.
     """
-    task_id: str = task.request.id
-    _set_state(task, "RETRY", Waiting(due, attempt))
+    task_id = delivery.task_id
+    _set_state(delivery, "RETRY", Waiting(due, attempt))
     config = process.config
     try:
         process.ledger.wait(
-            task_id, spec.to_dict(), retries.to_dict(), _queue(task), attempt, due,
+            task_id, spec.to_dict(), retries.to_dict(), delivery.queue, attempt, due,
             error.to_dict(), records, config.attempts_ttl,
         )  # fmt: skip
     except redis.RedisError as exc:
@@ -201,7 +336,7 @@ def _schedule_next(
 
 
 def _bury(
-    task: DispatchTask,
+    delivery: Delivery,
     process: _Process,
     spec: Call,
     retries: RetrySchedule,
@@ -211,11 +346,11 @@ def _bury(
 ) -> None:
     """Keep the call as a dead letter before its FAILURE is stored: a caller that sees one
     finds the other."""
-    task_id: str = task.request.id
+    task_id = delivery.task_id
     config = process.config
     try:
         bury(
-            process.ledger, task_id, spec.to_dict(), retries.to_dict(), _queue(task), number,
+            process.ledger, task_id, spec.to_dict(), retries.to_dict(), delivery.queue, number,
             error.to_dict(), records, config.attempts_ttl, config.dead_letter_ttl,
         )  # fmt: skip
     except redis.RedisError as exc:
@@ -228,20 +363,20 @@ def _bury(
     )  # fmt: skip
 
 
-def _record(task: DispatchTask, process: _Process, records: list[dict[str, Any]]) -> None:
+def _record(delivery: Delivery, process: _Process, records: list[dict[str, Any]]) -> None:
     """Add the records of the call's last attempt, before its result is stored."""
     try:
-        process.ledger.record(task.request.id, records, process.config.attempts_ttl)
+        process.ledger.record(delivery.task_id, records, process.config.attempts_ttl)
     except redis.RedisError as exc:  # the records are worth less than the result
-        log.warning("task %s: cannot record its attempt in the ledger: %s", task.request.id, exc)
+        log.warning("task %s: cannot record its attempt in the ledger: %s", delivery.task_id, exc)
 
 
-def _records(task: DispatchTask, attempts: list[Attempt], number: int) -> list[dict[str, Any]]:
+def _records(delivery: Delivery, attempts: list[Attempt], number: int) -> list[dict[str, Any]]:
     """The records of this delivery's attempt (one), numbered in the call, named for the worker.
 
     ``worker`` is the Celery worker's node name and the pool process: ``name@host:pid``.
     """
-    node = task.request.hostname
+    node = delivery.hostname
     return [
         replace(
             attempt,
@@ -252,7 +387,7 @@ def _records(task: DispatchTask, attempts: list[Attempt], number: int) -> list[d
     ]
 
 
-def _queue(task: DispatchTask) -> str:
+def _queue(task: celery.Task) -> str:
     """The queue the message came by: the next attempt (or a replay) goes the same way."""
     delivered_to = (task.request.delivery_info or {}).get("routing_key")
     return str(delivered_to or task.app.conf.task_default_queue)
@@ -277,12 +412,20 @@ def _take(process: _Process, task_id: str, attempt: int, token: str) -> int | No
     return offset
 
 
-def _set_state(task: DispatchTask, state: str, meta: Any) -> None:
+def _set_state(delivery: Delivery, state: str, meta: Any) -> None:
     """Show ``state`` in the result backend; the ledger, not the state, keeps the call."""
     try:
-        task.update_state(state=state, meta=meta)
+        delivery.app.backend.store_result(delivery.task_id, meta, state)
     except Exception as exc:  # any backend's error: a state is worth less than the call
-        log.warning("task %s: cannot store state %s: %s", task.request.id, state, exc)
+        log.warning("task %s: cannot store state %s: %s", delivery.task_id, state, exc)
+
+
+def _finish(app: celery.Celery, task_id: str, attempt: int, offset: int | None) -> None:
+    """Mark the call done in the ledger, once its result is stored."""
+    try:
+        worker_process(app).ledger.finish(task_id, attempt, _done_ttl(app), offset)
+    except redis.RedisError as exc:
+        log.warning("task %s: cannot record its end in the ledger: %s", task_id, exc)
 
 
 def _carried(exc: DispatchError) -> CarriedError:

@@ -6,6 +6,13 @@ the call as plain JSON (``Call.to_dict()``), and three keyword arguments:
 when the durable schedule is off) and ``token``, unique to the message (a
 copy the broker hands back after a crash keeps it). Its Celery task id is the
 dispatchkit task id, sent as ``Idempotency-Key`` on every attempt.
+
+A message of task ``dispatchkit.http_dispatch_batch`` carries the first
+attempt of several calls (``Dispatcher.submit_many``): its positional argument
+is the list of the calls (each ``Call.to_dict()``, with its own task id), its
+keyword arguments those of a single call's message, shared by the chunk. Its
+Celery task id is its own: the calls' results are stored under theirs. Every
+later attempt of a call is a single message.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import uuid
 from typing import Any
 
 TASK_NAME = "dispatchkit.http_dispatch"
+BATCH_TASK_NAME = "dispatchkit.http_dispatch_batch"
 
 
 def message_kwargs(attempt: int, schedule: dict[str, Any] | None) -> dict[str, Any]:
