@@ -498,6 +498,20 @@ def test_a_broker_that_is_not_redis_needs_a_ledger_url() -> None:
     assert WorkerConfig.from_settings(amqp, {"delivery_redis": REDIS_URL}).ledger_url == REDIS_URL
 
 
+def test_a_worker_config_shows_no_secret() -> None:
+    config = WorkerConfig.from_settings(
+        "redis://:brokerpass@127.0.0.1:6379/0",
+        {
+            "signing_secret": "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0",
+            "delivery_redis": "redis://:ledgerpass@127.0.0.1/1",
+        },
+    )
+    shown = repr(config)
+    for secret in ("brokerpass", "ledgerpass", "c2VjcmV0c2VjcmV0c2VjcmV0"):
+        assert secret not in shown
+    assert "127.0.0.1:6379" in shown
+
+
 @pytest.mark.parametrize(
     ("settings", "match"),
     [

@@ -106,6 +106,15 @@ class WorkerConfig:
     #: The core settings of ``dispatcher``, checked.
     core: Settings = field(init=False, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        # Never the raw settings (a signing secret) nor a URL's password: the checked
+        # settings mask their secrets, and the URLs are masked here.
+        ledger = None if self.delivery_redis is None else mask_url(self.delivery_redis)
+        return (
+            f"WorkerConfig(broker={mask_url(self.broker)!r}, delivery_redis={ledger!r}, "
+            f"visibility_timeout={self.visibility_timeout!r}, core={self.core!r})"
+        )
+
     @classmethod
     def from_env(cls, broker: str | None = None) -> WorkerConfig:
         raw = os.environ.get(WORKER_SETTINGS_ENV) or "{}"
