@@ -26,9 +26,10 @@ from typing import IO, Any
 
 import orjson
 
+from dispatchkit._cli_output import describe, say
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._encoding import new_task_id
-from dispatchkit.exceptions import DispatchError, RemoteExecuteError, UsageError
+from dispatchkit.exceptions import DispatchError, UsageError
 
 __all__ = ["DEFAULT_CONCURRENCY", "TASK_ID", "run_each", "write_stdout"]
 
@@ -193,13 +194,6 @@ def _error_fields(exc: DispatchError) -> dict[str, Any]:
     return fields
 
 
-def _describe(exc: DispatchError) -> str:
-    name = type(exc).__name__
-    if isinstance(exc, RemoteExecuteError) and exc.status is not None:
-        name += f" (HTTP {exc.status})"
-    return f"{name}: {exc}"
-
-
 def _dumps(record: dict[str, Any]) -> bytes:
     # a codec plugin may hand back what JSON cannot hold: show it as text
     return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n"
@@ -258,17 +252,13 @@ class _Progress:
             sys.stderr.flush()
             self._drawn = True
         else:
-            _say(text)
+            say(text)
 
     def clear(self) -> None:
         if self._drawn:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
             self._drawn = False
-
-
-def _say(text: str) -> None:
-    print(f"dispatchkit: {text}", file=sys.stderr, flush=True)
 
 
 class _Batch:
@@ -472,7 +462,7 @@ class _Batch:
 
     def _show(self, number: int, error: DispatchError) -> None:
         if self._shown < _SHOWN_FAILURES:
-            self._tell(f"line {number}: {_describe(error)}")
+            self._tell(f"line {number}: {describe(error)}")
         elif self._shown == _SHOWN_FAILURES:
             where = " and in --failures" if self._failures is not None else ""
             self._tell(f"more failures: each is on stdout{where}, not told here")
@@ -532,7 +522,7 @@ class _Batch:
 
     def _tell(self, text: str) -> None:
         self._progress.clear()
-        _say(text)
+        say(text)
 
     # -- both sides -------------------------------------------------------------------
 

@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 
 from dispatchkit import _call_cli, _delivery_cli, _endpoints_cli, _serve_cli
+from dispatchkit._cli_output import describe, say
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._version import __version__
-from dispatchkit.exceptions import DispatchError, EncodeError, RemoteExecuteError, UsageError
+from dispatchkit.exceptions import DispatchError, EncodeError, UsageError
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -119,13 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.handler(args)
     except (UsageError, EncodeError) as exc:
-        _error(exc.message)  # nothing was sent: the call's context would be noise
+        say(exc.message)  # nothing was sent: the call's context would be noise
         return EXIT_USAGE
     except DispatchError as exc:
-        _error(_describe(exc))
+        say(describe(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        _error("interrupted")
+        say("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # the reader went away (`dispatchkit demo | head`); say nothing more
@@ -139,22 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _error(message: str) -> None:
-    print(f"dispatchkit: {message}", file=sys.stderr, flush=True)
-
-
-def _describe(exc: DispatchError) -> str:
-    name = type(exc).__name__
-    if isinstance(exc, RemoteExecuteError) and exc.status is not None:
-        name += f" (HTTP {exc.status})"
-    return f"{name}: {exc}"
-
-
 def _plugins(args: argparse.Namespace) -> int:
     with Dispatcher() as dispatcher:
         infos = [info for info in dispatcher.plugins if args.all or not info.builtin]
     if not infos:
-        _error("no plugin is installed (--all lists the built-in ones too)")
+        say("no plugin is installed (--all lists the built-in ones too)")
         return EXIT_OK
     rows = [("NAME", "DISTRIBUTION", "VERSION", "HOOKS")]
     rows += [

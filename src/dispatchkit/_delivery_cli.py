@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol, TypeVar
 
+from dispatchkit._cli_output import say
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._models import Attempt, Result
 from dispatchkit.exceptions import UsageError
@@ -173,7 +173,7 @@ def run_attempts(args: argparse.Namespace) -> int:
 
     records = _with_executor("attempts", read)
     if not records:
-        _error(f"no attempt recorded for task {args.task_id} (not run yet, expired, or unknown)")
+        say(f"no attempt recorded for task {args.task_id} (not run yet, expired, or unknown)")
         return EXIT_FAILED
     if args.json:
         _print_json([record.to_dict() for record in records])
@@ -190,7 +190,7 @@ def _list(args: argparse.Namespace) -> int:
         _print_json([letter.to_dict() for letter in letters])
         return EXIT_OK
     if not letters:
-        _error("no dead letter" + (" matches" if args.origin or args.since else ""))
+        say("no dead letter" + (" matches" if args.origin or args.since else ""))
         return EXIT_OK
     rows = [("TASK ID", "DIED (UTC)", "ATTEMPTS", "METHOD", "URL", "LAST ERROR")]
     for letter in letters:
@@ -212,7 +212,7 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     letter = _with_dead_letters(lambda dead: dead.get(args.task_id))
     if letter is None:
-        _error(f"{args.task_id} is not a dead letter (replayed, purged, expired, or unknown)")
+        say(f"{args.task_id} is not a dead letter (replayed, purged, expired, or unknown)")
         return EXIT_FAILED
     data = letter.to_dict()
     if args.json:
@@ -253,14 +253,14 @@ def _replay(args: argparse.Namespace) -> int:
     for task_id, result in zip(chosen, results, strict=True):
         if result is None:
             missing += 1
-            _error(f"{task_id} is not a dead letter (replayed already, purged, or unknown): "
+            say(f"{task_id} is not a dead letter (replayed already, purged, or unknown): "
                    "nothing sent")  # fmt: skip
         elif result.id != task_id:
             print(f"replayed {task_id} as {result.id}")
         else:
             print(f"replayed {task_id}")
     if ids is None and not chosen:
-        _error("no dead letter to replay")
+        say("no dead letter to replay")
     return EXIT_FAILED if missing else EXIT_OK
 
 
@@ -274,7 +274,7 @@ def _purge(args: argparse.Namespace) -> int:
     gone = set(purged)
     missing = [] if ids is None else [task_id for task_id in ids if task_id not in gone]
     for task_id in missing:
-        _error(f"{task_id} is not a dead letter (replayed, purged, or unknown)")
+        say(f"{task_id} is not a dead letter (replayed, purged, or unknown)")
     print(f"purged {len(purged)} dead letter{'' if len(purged) == 1 else 's'}")
     return EXIT_FAILED if missing else EXIT_OK
 
@@ -349,7 +349,3 @@ def _utc(iso: str) -> str:
 def _excerpt(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= ERROR_EXCERPT else line[: ERROR_EXCERPT - 3] + "..."
-
-
-def _error(message: str) -> None:
-    print(f"dispatchkit: {message}", file=sys.stderr, flush=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from typing import Any
 
+from dispatchkit._cli_output import say
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._endpoints import EndpointState, endpoint_key
 from dispatchkit.builtin.endpoints import MemoryGuard
@@ -71,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "enable":
             url = endpoint_key(args.url)[1]
             if not endpoints.enable(url):
-                _say(f"{url} is not disabled")
+                say(f"{url} is not disabled")
                 return 1
             print(f"enabled {url}")
             return 0
         origin = endpoint_key(args.origin)[0]
         if not endpoints.reset(origin):
-            _say(f"no state is kept for {origin}")
+            say(f"no state is kept for {origin}")
             return 1
         print(f"reset {origin}")
         return 0
@@ -92,7 +92,7 @@ def _as_dict(state: EndpointState) -> dict[str, Any]:
 
 def _table(states: list[EndpointState]) -> None:
     if not states:
-        _say("no origin has state yet")
+        say("no origin has state yet")
         return
     now = time.time()
     rows = [_HEADER]
@@ -114,7 +114,3 @@ def _table(states: list[EndpointState]) -> None:
 
 def _seconds(value: float) -> str:
     return f"{value:.1f}s" if value < 10 else f"{value:.0f}s"
-
-
-def _say(message: str) -> None:
-    print(f"dispatchkit: {message}", flush=True, file=sys.stderr)
