@@ -45,6 +45,7 @@ from contextvars import ContextVar
 from typing import Any, cast
 
 import redis
+from redis.client import Pipeline
 
 from dispatchkit import (
     Admission,
@@ -60,6 +61,7 @@ from dispatchkit._endpoints import ADMITTED, PROBE, endpoint_key
 from dispatchkit._redact import mask_url
 from dispatchkit.builtin.endpoints import EndpointPolicy
 from dispatchkit.builtin.transport import DEADLINE_FACTOR
+from dispatchkit_celery._coalesce import Coalescer
 
 log = logging.getLogger("dispatchkit.celery")
 
@@ -255,6 +257,10 @@ def deferred_until(
     return now + wait + pick.uniform(*DEFER_JITTER) + pick.uniform(0.0, DEFER_SPREAD * wait)
 
 
+def _eval(pipe: Pipeline, script: str, keys: list[str], args: list[str | float]) -> None:
+    pipe.eval(script, len(keys), *keys, *args)  # by its text: see _ledger._eval
+
+
 def lease_for(settings: Settings) -> float:
     """Seconds an admitted attempt holds its slot at most: twice the dispatcher's longest one."""
     return float(LEASE_FACTOR * (settings.deadline or DEADLINE_FACTOR * settings.timeout))
@@ -288,8 +294,9 @@ class RedisGuard:
             health_check_interval=30,
             decode_responses=True,
         )
-        self._admit = self.client.register_script(_ADMIT)
-        self._report = self.client.register_script(_REPORT)
+        #: The admissions and reports of this process's threads, one round trip for those
+        #: of the same moment (a chunk's calls start and end together).
+        self.batch = Coalescer(self.client)
         self._lock = threading.Lock()
         self._held: dict[str, list[str]] = {}  # origin -> leases of this process, oldest first
         self._probes: dict[str, str] = {}  # origin -> the lease of this process's probe
@@ -316,7 +323,7 @@ class RedisGuard:
             self.policy.concurrency or 0, self.ttl,
         ]  # fmt: skip
         try:
-            reply = self._admit(keys=self.keys(origin), args=args)
+            (reply,) = self.batch.run(lambda pipe: _eval(pipe, _ADMIT, self.keys(origin), args))
         except redis.RedisError as exc:
             raise GuardUnavailable(
                 f"the endpoint guard's Redis ({mask_url(self.url)}) did not answer: {exc}; "
@@ -363,7 +370,7 @@ class RedisGuard:
             int(self.policy.disable_on_gone), self.ttl,
         ]  # fmt: skip
         try:
-            self._report(keys=self.keys(origin), args=args)
+            self.batch.run(lambda pipe: _eval(pipe, _REPORT, self.keys(origin), args))
         except redis.RedisError as exc:  # the lease ends by itself; the verdict is lost
             log.warning("the endpoint guard's Redis did not take a report for %s: %s", origin, exc)
 

@@ -50,9 +50,11 @@ from typing import Any
 
 import redis
 from redis.client import Pipeline
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT, FieldT, KeyT
 
+from dispatchkit_celery._coalesce import Coalescer
 from dispatchkit_celery._config import DEFAULT_ATTEMPTS_TTL
+from dispatchkit_celery._results import STORE_FUNCTION, Stored
 
 PREFIX = "dispatchkit:delivery:"
 QUEUED = "queued"
@@ -91,48 +93,85 @@ return 1
 """
 
 # KEYS[1]: the call's hash, KEYS[2]: the due set. ARGV: attempt, token, task id.
-# Returns the call's offset (>= 0) when the message may run its attempt, -1 when it is a
+# take() is the call's offset (>= 0) when the message may run its attempt, -1 when it is a
 # duplicate.
-_TAKE = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  return 0
-end
-local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
-local attempt = tonumber(ARGV[1])
-local recorded = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
-if state ~= 'done' and recorded == attempt then
-  local taken = redis.call('HGET', KEYS[1], 'taken')
-  if not taken then
-    redis.call('HSET', KEYS[1], 'state', 'running', 'taken', ARGV[2])
-    redis.call('ZREM', KEYS[2], ARGV[3])
+_TAKE_FUNCTION = """
+local function take()
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if not state then
+    return 0
+  end
+  local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+  local attempt = tonumber(ARGV[1])
+  local recorded = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
+  if state ~= 'done' and recorded == attempt then
+    local taken = redis.call('HGET', KEYS[1], 'taken')
+    if not taken then
+      redis.call('HSET', KEYS[1], 'state', 'running', 'taken', ARGV[2])
+      redis.call('ZREM', KEYS[2], ARGV[3])
+      return offset
+    end
+    if taken == ARGV[2] then
+      return offset
+    end
+  elseif state ~= 'done' and recorded < attempt then
     return offset
   end
-  if taken == ARGV[2] then
-    return offset
-  end
-elseif state ~= 'done' and recorded < attempt then
-  return offset
+  redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
+  return -1
 end
-redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
-return -1
 """
+_TAKE = _TAKE_FUNCTION + "return take()\n"
+# KEYS[1]: a task's key in the result backend. ARGV: its encoded state, seconds to keep it.
+_STORE = STORE_FUNCTION + "return store(KEYS[1], ARGV[1], ARGV[2])\n"
+# The same, and when the message runs its attempt, the task's state (KEYS[3]: its key;
+# ARGV 4 and 5: the encoded state and its seconds to keep) stored as _results writes it.
+_TAKE_AND_STORE = (
+    _TAKE_FUNCTION
+    + STORE_FUNCTION
+    + """
+local offset = take()
+if offset >= 0 then
+  store(KEYS[3], ARGV[4], ARGV[5])
+end
+return offset
+"""
+)
 
 # KEYS[1]: the call's hash, KEYS[2]: the due set. ARGV: attempt, seconds to keep, task id,
 # offset ('' : any). A call replayed since (its offset changed) is a new round: left alone.
-_FINISH = """
-if ARGV[4] ~= '' then
-  local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
-  if offset ~= tonumber(ARGV[4]) then
-    return 0
+_FINISH_FUNCTION = """
+local function finish()
+  if ARGV[4] ~= '' then
+    local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+    if offset ~= tonumber(ARGV[4]) then
+      return 0
+    end
   end
+  redis.call('HSET', KEYS[1], 'state', 'done', 'attempt', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'call', 'schedule', 'queue', 'due', 'taken')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  return 1
 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'attempt', ARGV[1])
-redis.call('HDEL', KEYS[1], 'call', 'schedule', 'queue', 'due', 'taken')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[3])
-return 1
 """
+_FINISH = _FINISH_FUNCTION + "return finish()\n"
+# The task's state first (KEYS[3]: its key; ARGV 5 and 6: the encoded state and its seconds
+# to keep), stored as _results writes it; the call is done only once its result is stored.
+_STORE_AND_FINISH = (
+    STORE_FUNCTION
+    + _FINISH_FUNCTION
+    + """
+store(KEYS[3], ARGV[5], ARGV[6])
+return finish()
+"""
+)
+
+
+def _eval(pipe: Pipeline, script: str, keys: list[KeyT], args: list[EncodableT]) -> None:
+    """Queue ``script`` on ``pipe`` by its text: a pipeline's ``EVALSHA`` would cost a
+    ``SCRIPT EXISTS`` round trip first (redis-py checks before every pipeline)."""
+    pipe.eval(script, len(keys), *keys, *args)
 
 
 def _text(value: bytes | str) -> str:
@@ -173,8 +212,8 @@ class Ledger:
         )
         self._claim = self.client.register_script(_CLAIM)
         self._release = self.client.register_script(_RELEASE)
-        self._take = self.client.register_script(_TAKE)
-        self._finish = self.client.register_script(_FINISH)
+        #: The writes of this process's threads, one round trip for those of the same moment.
+        self.batch = Coalescer(self.client)
 
     def close(self) -> None:
         self.client.close()
@@ -250,22 +289,30 @@ class Ledger:
         """Whether the message ``token`` of attempt ``attempt`` runs it (else: a duplicate)."""
         return self.take_attempt(task_id, attempt, token) is not None
 
-    def take_attempt(self, task_id: str, attempt: int, token: str) -> int | None:
+    def take_attempt(
+        self, task_id: str, attempt: int, token: str, state: Stored | None = None
+    ) -> int | None:
         """:meth:`take`: the call's offset when the message runs its attempt, else ``None``.
 
-        The offset is what the call's attempt numbers start from (0 unless it was replayed).
+        The offset is what the call's attempt numbers start from (0 unless it was
+        replayed). ``state`` (on this Redis) is stored in the same script if the
+        message runs its attempt.
         """
-        offset = int(
-            self._take(keys=[self.call_key(task_id), self.due], args=[attempt, token, task_id])
-        )
-        return None if offset < 0 else offset
+        keys: list[KeyT] = [self.call_key(task_id), self.due]
+        args: list[EncodableT] = [attempt, token, task_id]
+        if state is None:
+            script = _TAKE
+        else:
+            script = _TAKE_AND_STORE
+            keys.append(state.key)
+            args += [state.payload, state.seconds]
+        (offset,) = self.batch.run(lambda pipe: _eval(pipe, script, keys, args))
+        return None if int(offset) < 0 else int(offset)
 
     def record(self, task_id: str, records: Sequence[Mapping[str, Any]], ttl: float) -> None:
         """Add the records of attempts that ended; keep them ``ttl`` s after this."""
         if records:
-            with self.client.pipeline(transaction=True) as pipe:
-                self.add_records(pipe, task_id, records, ttl)
-                pipe.execute()
+            self.batch.run(lambda pipe: self.add_records(pipe, task_id, records, ttl))
 
     def add_records(
         self, pipe: Pipeline, task_id: str, records: Sequence[Mapping[str, Any]], ttl: float
@@ -316,13 +363,39 @@ class Ledger:
         With ``offset`` (what :meth:`take_attempt` said), only if the call was not
         replayed since: a replay that came first started a round of its own.
         """
-        again = "" if offset is None else offset
-        return bool(
-            self._finish(
-                keys=[self.call_key(task_id), self.due],
-                args=[attempt, max(1, int(ttl)), task_id, again],
-            )
-        )
+        (done,) = self.batch.run(lambda pipe: self.add_finish(pipe, task_id, attempt, ttl, offset))
+        return bool(done)
+
+    def store_state(self, pipe: Pipeline, state: Stored) -> None:
+        """Queue the write of a task's state (see ``_results.py``) on ``pipe``."""
+        _eval(pipe, _STORE, [state.key], [state.payload, state.seconds])
+
+    def add_finish(
+        self,
+        pipe: Pipeline,
+        task_id: str,
+        attempt: int,
+        ttl: float,
+        offset: int | None = None,
+        state: Stored | None = None,
+    ) -> None:
+        """Queue :meth:`finish` on ``pipe`` (with the others of the moment).
+
+        ``state`` (the call's result, on this Redis) is stored first, in the same script.
+        """
+        keys: list[KeyT] = [self.call_key(task_id), self.due]
+        args: list[EncodableT] = [
+            attempt,
+            max(1, int(ttl)),
+            task_id,
+            "" if offset is None else offset,
+        ]
+        script = _FINISH
+        if state is not None:
+            script = _STORE_AND_FINISH
+            keys.append(state.key)
+            args += [state.payload, state.seconds]
+        _eval(pipe, script, keys, args)
 
     # -- the poller -------------------------------------------------------------------
 

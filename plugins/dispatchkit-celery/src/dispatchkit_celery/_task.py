@@ -20,6 +20,13 @@ Every attempt's record (``dispatchkit.Attempt``) goes into the ledger: with the
 wait, or before the result is stored when it was the call's last. A call whose
 schedule ran out on failures worth retrying becomes a dead letter
 (``_dead_letters.py``) in the same transaction.
+
+A chunk's calls share their round trips to Redis (``_coalesce.py``): the writes
+of the calls that start or end at the same moment go in one pipeline, and a
+call's end is one script for its records, its result and its ``done`` (in that
+order), where the result backend is Celery's Redis backend on the ledger's
+Redis (``_results.py``; else the backend's own ``store_result``). A message of
+one call takes its attempt and stores ``STARTED`` in one script the same way.
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ from typing import Any
 import celery
 import redis
 from celery.exceptions import Ignore, Reject
+from redis.client import Pipeline
 
 from dispatchkit import Attempt, Call, Dispatcher, DispatchError, EndpointDisabledError
 from dispatchkit_celery._config import WorkerConfig, build_dispatcher, is_redis
 from dispatchkit_celery._dead_letters import bury
 from dispatchkit_celery._guard import deferrable, deferred_until
 from dispatchkit_celery._ledger import Ledger
+from dispatchkit_celery._results import StateWriter, Stored, state_writer
 from dispatchkit_celery._schedule import RetrySchedule
 from dispatchkit_celery._wire import TASK_NAME, CarriedError, Waiting, message_kwargs
 
@@ -65,6 +74,7 @@ class _Process:
         self._dispatcher: Dispatcher | None = None
         self._ledger: Ledger | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self._writer: tuple[StateWriter | None] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -82,6 +92,15 @@ class _Process:
                 assert url is not None  # WorkerConfig refuses a worker without one
                 self._ledger = Ledger(url)
             return self._ledger
+
+    def writer(self, app: celery.Celery) -> StateWriter | None:
+        """Writes task states on the ledger's pipelines, where the backend allows it."""
+        found = self._writer
+        if found is None:
+            with self._lock:
+                url = self.config.ledger_url or ""
+                found = self._writer = (state_writer(app, url),)
+        return found[0]
 
     @property
     def threads(self) -> ThreadPoolExecutor:
@@ -139,6 +158,9 @@ class Delivery:
     hostname: str | None
     queue: str
     offset: int | None = None
+    #: A chunk's call: the records of its last attempt wait here, to be written with its result.
+    batched: bool = False
+    records: list[dict[str, Any]] | None = None
 
 
 def http_dispatch(
@@ -208,7 +230,7 @@ def _run_in_batch(
             return True
         log.info("task %s: sent on alone, the chunk's time is up", task_id)
         return False
-    delivery = Delivery(app, task_id, hostname, queue)
+    delivery = Delivery(app, task_id, hostname, queue, batched=True)
     try:
         retval = dispatch_call(delivery, call, attempt, schedule, token)
     except Ignore:  # it waits in the ledger, or it was a duplicate
@@ -220,13 +242,60 @@ def _run_in_batch(
     else:
         state, value = "SUCCESS", retval
     try:
-        app.backend.store_result(task_id, value, state)
+        _settle(delivery, process, state, value, attempt if schedule is not None else None)
     except Exception as exc:
         log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
         return True
-    if schedule is not None:
-        _finish(app, task_id, attempt, delivery.offset)
     return False
+
+
+def _settle(
+    delivery: Delivery, process: _Process, state: str, value: Any, attempt: int | None
+) -> None:
+    """A chunk's call ended: its records, then its result, then (``attempt``: with a
+    schedule) its ``done`` in the ledger; one script with the writes of the moment.
+
+    Raises when the result could not be stored (the chunk is handed back).
+    """
+    app, task_id, records = delivery.app, delivery.task_id, delivery.records or []
+    writer, ledger, config = process.writer(app), process.ledger, process.config
+    if writer is not None:
+        stored = writer.encoded(task_id, value, state)
+        try:
+            replies = ledger.batch.run(
+                lambda pipe: _queue_end(pipe, ledger, delivery, stored, attempt, config),
+                raise_errors=False,
+            )
+        except redis.RedisError as exc:
+            log.warning("task %s: cannot write its end in one go (%s): one by one", task_id, exc)
+        else:
+            if records and any(isinstance(reply, Exception) for reply in replies[:-1]):
+                log.warning("task %s: cannot record its attempt in the ledger", task_id)
+            if not isinstance(replies[-1], Exception):
+                return
+            log.warning("task %s: cannot store its result (%s): again", task_id, replies[-1])
+            records = []  # they went in
+    _record(replace(delivery, batched=False), process, records)
+    app.backend.store_result(task_id, value, state)
+    if attempt is not None:
+        _finish(app, task_id, attempt, delivery.offset)
+
+
+def _queue_end(
+    pipe: Pipeline,
+    ledger: Ledger,
+    delivery: Delivery,
+    stored: Stored,
+    attempt: int | None,
+    config: WorkerConfig,
+) -> None:
+    task_id = delivery.task_id
+    ledger.add_records(pipe, task_id, delivery.records or [], config.attempts_ttl)
+    if attempt is None:
+        ledger.store_state(pipe, stored)
+    else:
+        done_ttl = _done_ttl(delivery.app)
+        ledger.add_finish(pipe, task_id, attempt, done_ttl, delivery.offset, stored)
 
 
 def _out_of_time(config: WorkerConfig, timeout: Any, started: float) -> bool:
@@ -262,11 +331,15 @@ def dispatch_call(
     except DispatchError as exc:
         raise _carried(exc) from None
     offset: int | None = 0
+    started_meta = {"pid": os.getpid(), "hostname": delivery.hostname}
+    started = None
     if retries is not None:
-        offset = _take(process, task_id, attempt, token)
+        started = _encoded(delivery, process, "STARTED", started_meta)
+        offset = _take(process, task_id, attempt, token, started)
     delivery.offset = offset
     number = attempt + (offset or 0)  # a replayed call's attempts number on after the old
-    _set_state(delivery, "STARTED", {"pid": os.getpid(), "hostname": delivery.hostname})
+    if started is None or offset is None:  # else the take stored it
+        _set_state(delivery, "STARTED", started_meta)
     attempts: list[Attempt] = []
     # With a schedule, a long wait for a slot at the origin defers the call instead (before
     # the wait would outlast the call's timeout, a DispatchTimeout that spends an attempt).
@@ -364,7 +437,13 @@ def _bury(
 
 
 def _record(delivery: Delivery, process: _Process, records: list[dict[str, Any]]) -> None:
-    """Add the records of the call's last attempt, before its result is stored."""
+    """Add the records of the call's last attempt, before its result is stored.
+
+    A chunk's call keeps them for :func:`_settle`, which writes them with its result.
+    """
+    if delivery.batched:
+        delivery.records = records
+        return
     try:
         process.ledger.record(delivery.task_id, records, process.config.attempts_ttl)
     except redis.RedisError as exc:  # the records are worth less than the result
@@ -393,13 +472,16 @@ def _queue(task: celery.Task) -> str:
     return str(delivered_to or task.app.conf.task_default_queue)
 
 
-def _take(process: _Process, task_id: str, attempt: int, token: str) -> int | None:
+def _take(
+    process: _Process, task_id: str, attempt: int, token: str, started: Stored | None
+) -> int | None:
     """The call's offset if this message runs its attempt (``None``: offset unknown).
 
-    A duplicate is dropped here (``Ignore``).
+    ``started`` is stored if it does, in the same script. A duplicate is dropped
+    here (``Ignore``).
     """
     try:
-        offset = process.ledger.take_attempt(task_id, attempt, token)
+        offset = process.ledger.take_attempt(task_id, attempt, token, started)
     except redis.RedisError as exc:
         # Without the ledger, running the attempt is the safe side (at least once).
         log.warning("task %s: cannot read the ledger (%s): attempt runs", task_id, exc)
@@ -412,8 +494,30 @@ def _take(process: _Process, task_id: str, attempt: int, token: str) -> int | No
     return offset
 
 
+def _encoded(delivery: Delivery, process: _Process, state: str, meta: Any) -> Stored | None:
+    """``state`` as the ledger's scripts can store it; ``None``: only the backend can."""
+    writer = process.writer(delivery.app)
+    if writer is None:
+        return None
+    try:
+        return writer.encoded(delivery.task_id, meta, state)
+    except Exception as exc:  # the backend's own store_result will say it
+        log.debug("task %s: state %s left to the backend: %s", delivery.task_id, state, exc)
+        return None
+
+
 def _set_state(delivery: Delivery, state: str, meta: Any) -> None:
     """Show ``state`` in the result backend; the ledger, not the state, keeps the call."""
+    process = worker_process(delivery.app)
+    stored = _encoded(delivery, process, state, meta)
+    if stored is not None:
+        ledger = process.ledger
+        try:
+            ledger.batch.run(lambda pipe: ledger.store_state(pipe, stored))
+        except redis.RedisError as exc:
+            log.debug("task %s: state %s left to the backend: %s", delivery.task_id, state, exc)
+        else:
+            return
     try:
         delivery.app.backend.store_result(delivery.task_id, meta, state)
     except Exception as exc:  # any backend's error: a state is worth less than the call

@@ -1,0 +1,136 @@
+"""Group commit: the Redis commands of many threads, in one round trip.
+
+A chunk's calls run on up to ``pool_maxsize`` threads of one worker process,
+and each call writes to Redis at its start and at its end (the ledger, its
+state, the endpoint guard). Alone, that is a round trip per write; through a
+:class:`Coalescer`, the threads that want Redis at the same moment share one
+pipeline: the first one sends it, the others queue theirs meanwhile, and the
+next of them sends everything that queued up. One thread alone (a message
+with one call) still makes exactly one round trip per write, and waits for
+nobody.
+
+Each thread gets back the replies of its own commands only, or the error of
+its own commands: the pipeline is not a transaction, the commands run in the
+order they were queued, and a script's error fails only the thread that
+queued it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.client import Pipeline
+
+#: Queues one thread's commands on a pipeline.
+Commands = Callable[[Pipeline], object]
+
+
+class _Turn:
+    """One thread's commands, waiting for a pipeline to carry them."""
+
+    __slots__ = ("commands", "done", "error", "lead", "replies")
+
+    def __init__(self, commands: Commands) -> None:
+        self.commands = commands
+        self.done = threading.Event()
+        self.lead = False  # set (with done) when this thread is to send the next pipeline
+        self.replies: list[Any] = []
+        self.error: BaseException | None = None
+
+
+class Coalescer:
+    """Runs the commands of concurrent threads on ``client``, one pipeline per round trip.
+
+    ``patience``: seconds a thread waits for another thread's pipeline to carry
+    its commands (a bound on top of the client's own socket timeout, which
+    bounds every round trip).
+    """
+
+    def __init__(self, client: redis.Redis, patience: float = 60.0) -> None:
+        self.client = client
+        self.patience = patience
+        self._lock = threading.Lock()
+        self._queued: list[_Turn] = []
+        self._sending = False
+
+    def run(self, commands: Commands, *, raise_errors: bool = True) -> list[Any]:
+        """The replies of the commands ``commands`` queues, in order.
+
+        The first error among them is raised (a ``redis.RedisError``, as the
+        command alone would raise it); with ``raise_errors=False`` a failed
+        command's reply is its error. A failed round trip raises in any case.
+        """
+        turn = _Turn(commands)
+        with self._lock:
+            self._queued.append(turn)
+            lead = not self._sending
+            self._sending = True
+        if not lead:
+            lead = self._wait(turn)
+        if lead:
+            self._send()
+        if turn.error is not None:
+            raise turn.error
+        for reply in turn.replies if raise_errors else ():
+            if isinstance(reply, Exception):
+                raise reply
+        return turn.replies
+
+    def _wait(self, turn: _Turn) -> bool:
+        """Wait until another thread's pipeline carried ``turn``; ``True``: lead instead."""
+        if turn.done.wait(self.patience):
+            return turn.lead
+        with self._lock:
+            if turn.lead:  # handed the lead just now: the others wait for this thread
+                return True
+            if turn in self._queued:  # never sent: withdrawn, nothing of it ran
+                self._queued.remove(turn)
+                raise redis.TimeoutError(
+                    f"no pipeline carried these commands within {self.patience:g}s"
+                )
+        # On its way in a pipeline whose round trip the client's socket timeout bounds.
+        if not turn.done.wait(self.patience):
+            raise redis.TimeoutError(f"no reply to these commands within {self.patience:g}s")
+        return False
+
+    def _send(self) -> None:
+        """Send what is queued (this thread's turn among it), then hand the lead on."""
+        with self._lock:
+            turns, self._queued = self._queued, []
+        try:
+            self._carry(turns)
+        finally:
+            with self._lock:
+                if self._queued:
+                    following = self._queued[0]
+                    following.lead = True
+                    following.done.set()
+                else:
+                    self._sending = False
+
+    def _carry(self, turns: list[_Turn]) -> None:
+        spans: list[tuple[_Turn, int, int]] = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for turn in turns:
+                start = len(pipe)
+                try:
+                    turn.commands(pipe)
+                except Exception as exc:  # a bad command: that turn's error, not the others'
+                    del pipe.command_stack[start:]
+                    turn.error = exc
+                    continue
+                spans.append((turn, start, len(pipe)))
+            try:
+                replies = pipe.execute(raise_on_error=False) if spans else []
+            except BaseException as exc:  # the round trip failed: every turn in it did
+                for turn, _, _ in spans:
+                    turn.error = exc
+                replies = []
+        for turn, start, end in spans:
+            if turn.error is None:
+                turn.replies = replies[start:end]
+        for turn in turns:
+            turn.done.set()
