@@ -45,7 +45,7 @@ from dispatchkit._redact import MASK, SECRET_NAME, mask_url
 from dispatchkit.exceptions import error_from_dict
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import DEFAULT_RESEND_AFTER
-from dispatchkit_celery._wire import TASK_NAME, message_kwargs
+from dispatchkit_celery._wire import SEND_OPTIONS, TASK_NAME, message_kwargs
 
 if TYPE_CHECKING:
     from dispatchkit_celery._executor import CeleryResult
@@ -391,6 +391,7 @@ class DeadLetters:
                 kwargs=message_kwargs(1, schedule),
                 task_id=sent_as,
                 queue=raw["queue"] or None,
+                **SEND_OPTIONS,
             )
         except Exception as exc:  # the broker's or the backend's: the ledger holds the call
             log.warning(

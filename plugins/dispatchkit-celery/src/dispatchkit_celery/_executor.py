@@ -31,6 +31,7 @@ from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import RetrySchedule
 from dispatchkit_celery._wire import (
     BATCH_TASK_NAME,
+    SEND_OPTIONS,
     TASK_NAME,
     CarriedError,
     Waiting,
@@ -195,19 +196,20 @@ class CeleryExecutor:
             # In the ledger first: if the message is lost on its way, it is sent again.
             ledger.enqueue(call.task_id, data, schedule, self.queue, self._resend_after)
         try:
-            result = self.app.send_task(
+            self.app.send_task(
                 TASK_NAME,
                 args=[data],
                 kwargs=message_kwargs(1, schedule),
                 task_id=call.task_id,
                 queue=self.queue,
+                **SEND_OPTIONS,
             )
         except BaseException:
             if ledger is not None:
                 with contextlib.suppress(redis.RedisError):
                     ledger.forget(call.task_id)  # the caller gets the error: not sent
             raise
-        return CeleryResult(result, self._get_timeout, self.ledger)
+        return self.result(call.task_id)
 
     def submit_many(self, calls: Sequence[Call]) -> list[CeleryResult]:
         """Send ``calls`` in chunks of ``batch_size``, one message each; their handles, in order.

@@ -20,7 +20,7 @@ from celery import Celery, bootsteps
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import DEFAULT_RESEND_AFTER
 from dispatchkit_celery._task import worker_process
-from dispatchkit_celery._wire import TASK_NAME, message_kwargs
+from dispatchkit_celery._wire import SEND_OPTIONS, TASK_NAME, message_kwargs
 
 log = logging.getLogger("dispatchkit.celery")
 
@@ -62,6 +62,7 @@ class Poller:
                 kwargs=message_kwargs(pending.attempt, pending.schedule),
                 task_id=task_id,
                 queue=pending.queue or None,
+                **SEND_OPTIONS,
             )
             resend_after = pending.schedule.get("resend_after", DEFAULT_RESEND_AFTER)
             self.ledger.release(task_id, claim, float(resend_after))

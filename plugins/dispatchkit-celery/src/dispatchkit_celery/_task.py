@@ -54,7 +54,7 @@ from dispatchkit_celery._guard import deferrable, deferred_until
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._results import StateWriter, Stored, state_writer
 from dispatchkit_celery._schedule import RetrySchedule
-from dispatchkit_celery._wire import TASK_NAME, CarriedError, Waiting, message_kwargs
+from dispatchkit_celery._wire import SEND_OPTIONS, TASK_NAME, CarriedError, Waiting, message_kwargs
 
 log = logging.getLogger("dispatchkit.celery")
 
@@ -142,6 +142,8 @@ class DispatchTask(celery.Task):  # type: ignore[misc]  # Celery ships no type h
         # crash before this line repeats the attempt, a crash after it loses nothing.
         if kwargs.get("schedule") is None or status not in ("SUCCESS", "FAILURE"):
             return
+        if getattr(self.request, "dispatchkit_settled", False):  # ended with its result
+            return
         # What take() said; a replay that came in meanwhile has its own: left alone.
         offset = getattr(self.request, "dispatchkit_offset", None)
         _finish(self.app, task_id, int(kwargs.get("attempt", 1)), offset)
@@ -158,8 +160,10 @@ class Delivery:
     hostname: str | None
     queue: str
     offset: int | None = None
-    #: A chunk's call: the records of its last attempt wait here, to be written with its result.
-    batched: bool = False
+    #: The call's result is stored here, not by Celery (a chunk's call, or a message sent
+    #: with ``ignore_result``): the records of its last attempt wait in ``records`` to be
+    #: written with it.
+    settles: bool = False
     records: list[dict[str, Any]] | None = None
 
 
@@ -170,12 +174,43 @@ def http_dispatch(
     schedule: Any = None,
     token: str = "",
 ) -> Any:
-    """Make attempt ``attempt`` of the call; the task id is its Idempotency-Key."""
-    delivery = Delivery(task.app, task.request.id, task.request.hostname, _queue(task))
+    """Make attempt ``attempt`` of the call; the task id is its Idempotency-Key.
+
+    A message sent with ``ignore_result`` (every message of dispatchkit's own, see
+    ``SEND_OPTIONS``) has the call's result stored here, with its records and its
+    end in the ledger (:func:`_settle`); any other's result is Celery's to store,
+    and :meth:`DispatchTask.after_return` ends the call in the ledger.
+    """
+    request = task.request
+    settles = bool(getattr(request, "ignore_result", False))
+    delivery = Delivery(task.app, request.id, request.hostname, _queue(task), settles=settles)
+    ends = attempt if schedule is not None else None
     try:
-        return dispatch_call(delivery, call, attempt, schedule, token)
+        retval = dispatch_call(delivery, call, attempt, schedule, token)
+    except (Ignore, Reject):
+        raise
+    except Exception as exc:
+        if settles:
+            _settle_message(task, delivery, "FAILURE", exc, ends)
+        raise
+    else:
+        if settles:
+            _settle_message(task, delivery, "SUCCESS", retval, ends)
+        return retval
     finally:
-        task.request.dispatchkit_offset = delivery.offset  # for after_return
+        request.dispatchkit_offset = delivery.offset  # for after_return
+
+
+def _settle_message(
+    task: DispatchTask, delivery: Delivery, state: str, value: Any, attempt: int | None
+) -> None:
+    """:func:`_settle` for a single message; one that cannot store its result is handed back."""
+    try:
+        _settle(delivery, worker_process(task.app), state, value, attempt)
+    except Exception as exc:
+        log.error("task %s: cannot store its result (%s): handed back", delivery.task_id, exc)
+        raise Reject(str(exc), requeue=True) from None
+    task.request.dispatchkit_settled = True  # after_return has nothing left to do
 
 
 def http_dispatch_batch(
@@ -224,13 +259,13 @@ def _run_in_batch(
         # (which takes it in the ledger first; a copy of the chunk is then a duplicate).
         try:
             app.send_task(TASK_NAME, args=[call], kwargs=message_kwargs(attempt, schedule),
-                          task_id=task_id, queue=queue)  # fmt: skip
+                          task_id=task_id, queue=queue, **SEND_OPTIONS)  # fmt: skip
         except Exception as exc:
             log.error("task %s: cannot send it on alone (%s): chunk handed back", task_id, exc)
             return True
         log.info("task %s: sent on alone, the chunk's time is up", task_id)
         return False
-    delivery = Delivery(app, task_id, hostname, queue, batched=True)
+    delivery = Delivery(app, task_id, hostname, queue, settles=True)
     try:
         retval = dispatch_call(delivery, call, attempt, schedule, token)
     except Ignore:  # it waits in the ledger, or it was a duplicate
@@ -275,7 +310,7 @@ def _settle(
                 return
             log.warning("task %s: cannot store its result (%s): again", task_id, replies[-1])
             records = []  # they went in
-    _record(replace(delivery, batched=False), process, records)
+    _record(replace(delivery, settles=False), process, records)
     app.backend.store_result(task_id, value, state)
     if attempt is not None:
         _finish(app, task_id, attempt, delivery.offset)
@@ -441,7 +476,7 @@ def _record(delivery: Delivery, process: _Process, records: list[dict[str, Any]]
 
     A chunk's call keeps them for :func:`_settle`, which writes them with its result.
     """
-    if delivery.batched:
+    if delivery.settles:
         delivery.records = records
         return
     try:

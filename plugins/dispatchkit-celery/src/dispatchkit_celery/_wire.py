@@ -24,6 +24,13 @@ TASK_NAME = "dispatchkit.http_dispatch"
 BATCH_TASK_NAME = "dispatchkit.http_dispatch_batch"
 
 
+#: The options of every ``dispatchkit.http_dispatch`` message: its worker stores the call's
+#: result itself (with its attempt records and its end in the ledger, in one round trip),
+#: so Celery does not store it again. A handle from ``send_task`` with these options would
+#: not wait for the result: take ``app.AsyncResult(task_id)`` instead.
+SEND_OPTIONS: dict[str, Any] = {"ignore_result": True}
+
+
 def message_kwargs(attempt: int, schedule: dict[str, Any] | None) -> dict[str, Any]:
     """The keyword arguments of a new message of attempt ``attempt``."""
     return {"attempt": attempt, "schedule": schedule, "token": uuid.uuid4().hex}
