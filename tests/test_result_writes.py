@@ -17,6 +17,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -282,10 +283,11 @@ def test_concurrent_threads_share_round_trips_and_get_their_own_replies(url: str
     def one(n: int) -> None:
         barrier.wait(10)
         for round_ in range(5):
-            field = f"{n}:{round_}"
-            replies[n * 10 + round_] = coalescer.run(
-                lambda pipe, field=field: (pipe.hset(key, field, n), pipe.hget(key, field))
-            )
+            replies[n * 10 + round_] = coalescer.run(partial(both, field=f"{n}:{round_}", n=n))
+
+    def both(pipe: Any, field: str, n: int) -> None:
+        pipe.hset(key, field, n)
+        pipe.hget(key, field)
 
     CountingClient.sent = 0
     workers = [threading.Thread(target=one, args=(n,)) for n in range(threads)]
