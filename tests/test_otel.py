@@ -47,6 +47,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from dispatchkit import (
     AsyncDispatcher,
+    Attempt,
+    Call,
     ConnectError,
     Dispatcher,
     DispatchError,
@@ -63,10 +65,13 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.timeout(30)
 
 REQUEST_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
-PER_CALL_HOOKS = (
+HOOKS = (
     "dispatchkit_attempt_done",
     "dispatchkit_call_done",
+    "dispatchkit_close",
+    "dispatchkit_endpoint_guard",
     "dispatchkit_prepare_request",
+    "dispatchkit_submit_options",
 )
 
 
@@ -173,7 +178,16 @@ def make_app() -> TaskApp:
         time.sleep(seconds)
         return seconds
 
+    @app.task
+    def hold(seconds: float) -> float:
+        HELD.set()  # the caller holds a pooled connection until this returns
+        time.sleep(seconds)
+        return seconds
+
     return app
+
+
+HELD = threading.Event()
 
 
 class Front:
@@ -286,7 +300,7 @@ def test_a_given_provider_makes_the_plugin_active(otel: Telemetry) -> None:
         (info,) = [p for p in d.plugins if p.name == "otel"]
     assert info.plugin is plugin  # it replaces the entry point's, by name
     assert plugin.active
-    assert info.hooks == PER_CALL_HOOKS
+    assert info.hooks == HOOKS
     assert info.distribution is None
 
 
@@ -690,6 +704,202 @@ def test_a_cancelled_call_leaves_nothing_behind(otel: Telemetry, server: Server)
     (call,) = [s for s in otel.spans() if s.name == "dispatchkit.call"]
     assert parent_of(call) == caller
     assert "x=2" in str((call.attributes or {})["url.full"])
+
+
+class Options:
+    """Keeps the options each call's attempt sees."""
+
+    name = "options"
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, str]] = {}
+
+    @hookimpl
+    def dispatchkit_prepare_request(self, request: Request) -> None:
+        self.seen[request.task_id] = dict(request.options)
+
+
+def test_a_submitted_call_carries_its_submitters_context_in_its_options(
+    otel: Telemetry, make: Any, server: Server
+) -> None:
+    options = Options()
+    d = make(plugins=[otel.plugin(), options])
+    tracer = otel.tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("caller") as caller:
+        result = d.submit(f"{server.url}/multiply", x=2, y=5)
+        (many,) = d.submit_many(f"{server.url}/multiply", [{"x": 1, "y": 1}])
+        assert [result.get(timeout=10), many.get(timeout=10)] == [10, 1]
+    submitted = caller.get_span_context()
+    flags = submitted.trace_flags
+    expected = f"00-{submitted.trace_id:032x}-{submitted.span_id:016x}-{flags:02x}"
+    assert options.seen[result.id] == {"otel_traceparent": expected}
+    assert options.seen[many.id] == {"otel_traceparent": expected}
+    calls = [s for s in otel.spans() if s.name == "dispatchkit.call"]
+    assert [parent_of(call) for call in calls] == [id_of(caller)] * 2
+    # No span current at submit: nothing to carry, nothing added.
+    assert d.submit(f"{server.url}/multiply", x=1, y=1).get(timeout=10) == 1
+    assert list(options.seen.values())[-1] == {}
+
+
+def test_a_call_whose_options_carry_a_context_is_its_child(
+    otel: Telemetry, make: Any, server: Server
+) -> None:
+    # What a Celery worker runs: a Call with the submitter's context in its options, and
+    # no span current. The options win over a traceparent header given with the call.
+    d = make()
+    carried = "00-" + "3" * 32 + "-" + "4" * 16 + "-01"
+    header = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    call = Call(
+        f"{server.url}/multiply",
+        kwargs={"x": 3, "y": 3},
+        headers={"traceparent": header},
+        options={"otel_traceparent": carried, "otel_tracestate": "vendor=value"},
+    )
+    assert d.execute(call) == 9
+    (span,) = [s for s in otel.spans() if s.name == "dispatchkit.call"]
+    assert span.parent is not None
+    assert (span.parent.trace_id, span.parent.span_id) == (int("3" * 32, 16), int("4" * 16, 16))
+    assert span.parent.is_remote
+    assert span.context is not None
+    assert span.context.trace_state.get("vendor") == "value"
+    (attempt,) = otel.spans(SpanKind.CLIENT)
+    assert server.front.traceparents("/multiply") == [traceparent(attempt)]
+
+
+def wait_points(otel: Telemetry) -> list[HistogramDataPoint]:
+    return points(otel.metrics()["dispatchkit.client.connection.wait_time"])
+
+
+def test_a_wait_for_a_full_pool_is_measured(otel: Telemetry, make: Any, server: Server) -> None:
+    HELD.clear()
+    d = make(pool_maxsize=1, timeout=10)
+    holder = threading.Thread(target=d.call, args=(f"{server.url}/hold",), kwargs={"seconds": 0.4})
+    holder.start()
+    assert HELD.wait(10)  # the pool's one connection is taken for 0.4 s more
+    assert d.call(f"{server.url}/multiply", x=2, y=3) == 6
+    holder.join(10)
+    assert d.call(f"{server.url}/multiply", x=2, y=3) == 6  # the pool is free: no wait
+    (point,) = wait_points(otel)
+    assert point.count == 1  # one attempt waited, the two others did not
+    assert list(point.explicit_bounds) == [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10]
+    assert dict(point.attributes or {}) == {
+        "url.scheme": "http",
+        "server.address": "127.0.0.1",
+        "server.port": server.port,
+    }
+    assert point.sum > 0.2
+    # The attempt that waited says so, and how long: what the histogram got.
+    waited = [
+        s
+        for s in otel.spans(SpanKind.CLIENT)
+        if "dispatchkit.client.connection.wait_time" in (s.attributes or {})
+    ]
+    (attempt,) = waited
+    assert (attempt.attributes or {})["dispatchkit.client.connection.wait_time"] == point.sum
+    assert str((attempt.attributes or {})["url.full"]).endswith("/multiply?x=2&y=3")
+
+
+def test_a_wait_for_a_full_pool_is_measured_from_asyncio(otel: Telemetry, server: Server) -> None:
+    HELD.clear()
+
+    async def main() -> None:
+        plugins = [otel.plugin()]
+        async with AsyncDispatcher(timeout=10, pool_maxsize=1, plugins=plugins) as d:
+            holder = asyncio.ensure_future(d.call(f"{server.url}/hold", seconds=0.4))
+            assert await asyncio.to_thread(HELD.wait, 10)
+            assert await d.call(f"{server.url}/multiply", x=1, y=4) == 4
+            await holder
+
+    asyncio.run(main())
+    (point,) = wait_points(otel)
+    assert point.count == 1
+    assert point.sum > 0.2
+    assert dict(point.attributes or {})["server.port"] == server.port
+
+
+class Waits:
+    """Keeps each attempt's pool wait."""
+
+    name = "waits"
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    @hookimpl
+    def dispatchkit_attempt_done(self, request: Request, attempt: Attempt) -> None:
+        self.waits.append(attempt.pool_wait)
+
+
+def test_no_wait_is_recorded_while_the_pool_has_room(
+    otel: Telemetry, make: Any, server: Server
+) -> None:
+    waits = Waits()
+    d = make(pool_maxsize=4, plugins=[otel.plugin(), waits])
+    results = d.map(f"{server.url}/slow", [{"seconds": 0.05}] * 4, concurrency=4)
+    assert results == [0.05] * 4
+    assert waits.waits == [0.0] * 4
+    assert "dispatchkit.client.connection.wait_time" not in otel.metrics()
+
+
+def breakers(otel: Telemetry) -> dict[tuple[int, str], int]:
+    """``dispatchkit.circuit_breaker.state`` as collected now: (port, state) -> value."""
+    metric = otel.metrics().get("dispatchkit.circuit_breaker.state")
+    if metric is None:
+        return {}
+    found: dict[tuple[int, str], int] = {}
+    for point in points(metric):
+        attributes = dict(point.attributes)
+        assert set(attributes) == {
+            "url.scheme",
+            "server.address",
+            "server.port",
+            "dispatchkit.circuit_breaker.state",
+        }
+        assert (attributes["url.scheme"], attributes["server.address"]) == ("http", "127.0.0.1")
+        found[(attributes["server.port"], attributes["dispatchkit.circuit_breaker.state"])] = (
+            point.value
+        )
+    return found
+
+
+def state_of(port: int, state: str) -> dict[tuple[int, str], int]:
+    return {(port, name): int(name == state) for name in ("closed", "open", "half-open")}
+
+
+def test_breaker_states_are_a_gauge(otel: Telemetry, make: Any, server: Server) -> None:
+    d = make(circuit_breaker={"failures": 1, "cooldown": 60}, retry_attempts=1)
+    dead = free_port()
+    with pytest.raises(ConnectError):
+        d.call(f"http://127.0.0.1:{dead}/multiply", x=1, y=1)
+    assert d.call(f"{server.url}/multiply", x=1, y=1) == 1
+    assert breakers(otel) == {**state_of(dead, "open"), **state_of(server.port, "closed")}
+    # What dispatcher.endpoints.list() says, read through the guard's public API.
+    assert [(s.origin, s.breaker) for s in d.endpoints.list()] == sorted(
+        [(f"http://127.0.0.1:{dead}", "open"), (server.url, "closed")]
+    )
+    assert d.endpoints.reset(f"http://127.0.0.1:{dead}")
+    assert breakers(otel) == {**state_of(dead, "closed"), **state_of(server.port, "closed")}
+    d.close()  # a closed dispatcher's guard is reported no more
+    assert breakers(otel) == {}
+
+
+def test_a_breaker_past_its_cooldown_is_half_open(otel: Telemetry, make: Any) -> None:
+    d = make(circuit_breaker={"failures": 1, "cooldown": 0.05}, retry_attempts=1)
+    dead = free_port()
+    with pytest.raises(ConnectError):
+        d.call(f"http://127.0.0.1:{dead}/multiply")
+    time.sleep(0.1)  # past the cooldown: the next attempt is the probe
+    assert breakers(otel) == state_of(dead, "half-open")
+
+
+def test_no_breaker_no_gauge(otel: Telemetry, make: Any, server: Server) -> None:
+    # A guard without breakers (a rate limit only), and a dispatcher with no guard at all.
+    limited = make(rate_limits={"*": "100/s"})
+    plain = make()
+    assert limited.call(f"{server.url}/multiply", x=1, y=2) == 2
+    assert plain.call(f"{server.url}/multiply", x=1, y=2) == 2
+    assert [s.breaker for s in limited.endpoints.list()] == [None]
+    assert breakers(otel) == {}
 
 
 # -- the server side -------------------------------------------------------------------------

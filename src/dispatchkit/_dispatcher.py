@@ -6,6 +6,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -54,6 +55,12 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._transports: dict[str, Transport] = {}
         self._executor: Executor | None = None
+        # Asked at each submit only when a plugin implements it: otherwise pluggy is not called.
+        self._submit_options = (
+            pipeline.pm.hook.dispatchkit_submit_options
+            if pipeline.implemented("dispatchkit_submit_options")
+            else None
+        )
 
     # -- public API ---------------------------------------------------------------
 
@@ -202,6 +209,8 @@ class Dispatcher:
     def _checked(self, call: Call) -> Call:
         """``call``, built here only to be checked (method, URL, arguments, headers, options)
         in the caller, before anything is queued; the executor builds it again where it runs."""
+        if self._submit_options is not None:
+            call = self._with_submit_options(call)
         request = self._pipeline.build(call)
         if call.method == request.method:
             return call
@@ -209,6 +218,37 @@ class Dispatcher:
             call.url, request.method, call.kwargs, call.task_id, call.timeout, call.headers,
             call.json, call.options,
         )  # fmt: skip
+
+    def _with_submit_options(self, call: Call) -> Call:
+        """``call`` with the options the ``dispatchkit_submit_options`` hooks add, in the caller.
+
+        The caller's own options win; between plugins, the first to answer a name.
+        What they add is checked with the rest when the call is built.
+        """
+        assert self._submit_options is not None
+        try:
+            answers = self._submit_options(call=call)
+        except DispatchError:
+            raise
+        except Exception as exc:
+            error = DispatchError(f"plugin failure: {type(exc).__name__}: {exc}")
+            if isinstance(call.url, str):
+                error.with_context(call.task_id, str(call.method).upper(), call.url)
+            raise error from exc
+        added: dict[str, str] = {}
+        for options in answers:
+            if not isinstance(options, Mapping):
+                raise UsageError(
+                    f"dispatchkit_submit_options returned {type(options).__name__}, "
+                    "not a mapping of option names to str"
+                )
+            for name, value in options.items():
+                added.setdefault(name, value)
+        if not added:
+            return call
+        if call.options:
+            added.update(call.options)
+        return replace(call, options=added)
 
     @staticmethod
     def _collect(result: Result, values: list[Any], return_exceptions: bool) -> bool:

@@ -53,6 +53,9 @@ class Request:
     _began: tuple[float, float] | None = field(default=None, init=False)
     # The call's keys and slot with the endpoint guard, when there is one.
     _ticket: Ticket | None = field(default=None, init=False)
+    # Seconds the current attempt waited for a connection of a full pool: added to by the
+    # built-in transports while the attempt is recorded (``_began`` set), taken by its record.
+    _pool_wait: float = field(default=0.0, init=False)
 
     def __repr__(self) -> str:
         headers = {
@@ -80,7 +83,10 @@ class Attempt:
     is the error's message, secrets in URLs masked (``None`` for a success; a
     2xx failure envelope is an answer with an error); ``body`` the first KiB
     of the answer's body as text (``None`` when none came); ``worker`` is
-    ``host:pid`` of the process that ran it.
+    ``host:pid`` of the process that ran it. ``pool_wait`` is the part of
+    ``duration`` spent waiting for a connection because every connection of
+    the origin's pool was in use (``pool_maxsize``), in seconds: ``0.0`` when
+    it did not wait, or when its transport does not say (the built-in ones do).
     """
 
     number: int
@@ -91,6 +97,7 @@ class Attempt:
     error: str | None
     body: str | None
     worker: str
+    pool_wait: float = 0.0
 
     @property
     def started_at(self) -> datetime:
@@ -98,8 +105,12 @@ class Attempt:
         return datetime.fromtimestamp(self.started, timezone.utc)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data; ``started`` is an ISO 8601 string in UTC."""
-        return {
+        """JSON-ready data; ``started`` is an ISO 8601 string in UTC.
+
+        ``"pool_wait"`` only when the attempt waited, so that a process of an older
+        version, and a record of an attempt that did not wait, read the same.
+        """
+        data = {
             "number": self.number,
             "started": self.started_at.isoformat(timespec="microseconds"),
             "duration": self.duration,
@@ -109,6 +120,9 @@ class Attempt:
             "body": self.body,
             "worker": self.worker,
         }
+        if self.pool_wait:
+            data["pool_wait"] = self.pool_wait
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Attempt:
@@ -129,6 +143,11 @@ class Attempt:
             raise UsageError(f"attempt 'number' counts from 1, got {number!r}")
         if not 0 <= duration < math.inf:
             raise UsageError(f"attempt 'duration' must be finite seconds >= 0, got {duration!r}")
+        pool_wait = data.get("pool_wait", 0.0)
+        if isinstance(pool_wait, bool) or not isinstance(pool_wait, (int, float)):
+            raise UsageError(f"attempt 'pool_wait' has the wrong type: {pool_wait!r}")
+        if not 0 <= pool_wait < math.inf:
+            raise UsageError(f"attempt 'pool_wait' must be finite seconds >= 0, got {pool_wait!r}")
         return cls(
             number=number,
             started=_utc_seconds(data["started"]),
@@ -138,6 +157,7 @@ class Attempt:
             error=data["error"],
             body=data["body"],
             worker=data["worker"],
+            pool_wait=float(pool_wait),
         )
 
 

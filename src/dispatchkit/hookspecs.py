@@ -15,8 +15,9 @@ Hooks come in three groups:
   the AsyncDispatcher), :func:`dispatchkit_codec`,
   :func:`dispatchkit_retry_policy`, :func:`dispatchkit_endpoint_guard`,
   :func:`dispatchkit_executor`;
-* per call: :func:`dispatchkit_prepare_request` (before each attempt),
-  :func:`dispatchkit_attempt_done` (after each attempt) and
+* per call: :func:`dispatchkit_submit_options` (when a call is handed to the
+  executor, in the caller), :func:`dispatchkit_prepare_request` (before each
+  attempt), :func:`dispatchkit_attempt_done` (after each attempt) and
   :func:`dispatchkit_call_done` (after each call).
 """
 
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import tenacity
 
     from dispatchkit._async_dispatcher import AsyncDispatcher
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from dispatchkit._models import (
         AsyncTransport,
         Attempt,
+        Call,
         Codec,
         Executor,
         Outcome,
@@ -160,6 +164,28 @@ def dispatchkit_executor(dispatcher: Dispatcher) -> Executor | None:
 
 
 # -- per call --------------------------------------------------------------------
+
+
+@hookspec
+def dispatchkit_submit_options(call: Call) -> Mapping[str, str] | None:
+    """Called in the caller's thread when a call is handed to the executor: add options to it.
+
+    Runs for ``submit``, ``apply_async``, ``submit_many`` and ``map`` of the sync
+    Dispatcher (the Celery executor's and the thread pool's calls alike), before
+    the call is checked and queued, with the caller's context current: the place
+    to capture what must travel with the call to where it runs (a trace context).
+    Return plugin options (names to short strings, see ``Call.options``) to add
+    to the call, or ``None``. They travel with the call (broker messages,
+    delivery records), so they never hold a secret: they are checked as the
+    caller's own are, and a value that looks like a signing secret is refused.
+    The caller's own options win over a plugin's of the same name; between
+    plugins, the first to answer a name wins. A plugin reads its options back
+    where the call runs, as ``request.options``. When no plugin implements it,
+    nothing is called.
+
+    :param call: the call as the caller gave it (frozen): its url, method,
+        task id, headers and options.
+    """
 
 
 @hookspec

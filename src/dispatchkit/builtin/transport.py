@@ -79,6 +79,7 @@ from dispatchkit.exceptions import (
 from dispatchkit.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from urllib3._base_connection import BaseHTTPConnection
     from urllib3.response import BaseHTTPResponse
 
     from dispatchkit._dispatcher import Dispatcher
@@ -198,7 +199,10 @@ class PoolTransport:
         timeout = request.timeout
         try:
             # Waits at most ``timeout`` for a free connection; a dropped idle one is replaced.
-            conn = pool._get_conn(timeout=timeout)
+            if request._began is not None and _exhausted(pool):  # recorded, and it will wait
+                conn = _waited_conn(pool, request)
+            else:
+                conn = pool._get_conn(timeout=timeout)
         except HTTPError as exc:
             # Nothing was taken from the pool, so nothing goes back (urlopen does the same).
             _translate(exc, request)
@@ -380,6 +384,27 @@ class PoolTransport:
 
 #: Without a ``deadline`` setting, an attempt may last this many times its ``timeout``.
 DEADLINE_FACTOR = 6
+
+
+def _exhausted(pool: HTTPConnectionPool) -> bool:
+    """Whether every connection of ``pool`` is in use (``pool_maxsize``): a taker waits.
+
+    The queue holds the idle connections and a placeholder per connection not
+    made yet; empty, the pool is full. A snapshot, read only for attempts that
+    are recorded.
+    """
+    idle = pool.pool
+    return idle is not None and idle.empty()
+
+
+def _waited_conn(pool: HTTPConnectionPool, request: Request) -> BaseHTTPConnection:
+    """A connection of the full ``pool``; the wait goes to the attempt's record."""
+    start = time.perf_counter()
+    try:
+        conn = pool._get_conn(timeout=request.timeout)
+    finally:  # a wait that ran out (no connection in time) counts too
+        request._pool_wait += time.perf_counter() - start
+    return conn
 
 
 def body_too_large(

@@ -6,8 +6,12 @@ AsyncDispatcher: configure OpenTelemetry's SDK first, and each call is a span
 the stable HTTP semantic conventions; the W3C ``traceparent`` of the attempt
 goes out with it (the globally configured propagator); the meter
 ``dispatchkit`` records ``http.client.request.duration``,
-``dispatchkit.call.duration``, ``dispatchkit.call.retries`` and
-``dispatchkit.attempt.refused``::
+``dispatchkit.call.duration``, ``dispatchkit.call.retries``,
+``dispatchkit.attempt.refused``, ``dispatchkit.client.connection.wait_time``
+(waits for a connection of a full pool) and ``dispatchkit.circuit_breaker.state``
+(the endpoint guard's breakers). A call submitted to an executor carries its
+submitter's span context in its options, so that it continues the trace on a
+Celery worker too::
 
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider

@@ -13,18 +13,26 @@ mid-way (no hook runs after a cancellation) goes with its task instead of
 piling up. Nothing is attached to the current context: the call and attempt
 contexts are passed explicitly, so that a cancellation cannot leave a span
 current in the caller's context.
+
+A call handed to an executor (``submit``, ``map``, ...) may run in another
+process, a Celery worker: ``dispatchkit_submit_options`` puts the submitter's
+span context into the call's options (:func:`submit_options`), which travel
+with it, and the call's span takes it as its parent where it runs.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from dispatchkit_otel._breakers import breaker_gauge
 from dispatchkit_otel._semconv import (
     ATTEMPT,
     ATTEMPTS,
@@ -34,6 +42,7 @@ from dispatchkit_otel._semconv import (
     CALL_RETRIES,
     CALL_SPAN,
     CLIENT_REQUEST_DURATION,
+    CONNECTION_WAIT_TIME,
     DEFAULT_KNOWN_METHODS,
     ERROR_TYPE,
     HTTP_REQUEST_RESEND_COUNT,
@@ -47,6 +56,8 @@ from dispatchkit_otel._semconv import (
     SERVER_PORT,
     TASK_ID,
     URL_FULL,
+    URL_SCHEME,
+    WAIT_BUCKETS,
     method_attributes,
     redact_url,
     url_server,
@@ -57,7 +68,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
     from opentelemetry.util.types import AttributeValue
 
-    from dispatchkit import Attempt, Outcome, Request
+    from dispatchkit import Attempt, EndpointGuard, Outcome, Request
 
     Attributes = dict[str, AttributeValue]
 
@@ -83,6 +94,45 @@ class _Headers(Getter[dict[str, str]], Setter[dict[str, str]]):
 
 
 _HEADERS = _Headers()
+
+#: The options a submitted call carries its submitter's span context in: W3C trace context
+#: whatever the propagators on the wire, since the plugin reads them back itself. No baggage:
+#: it may hold anything, and options are kept in broker messages and delivery records.
+OPTION_PREFIX = "otel_"
+TRACEPARENT_OPTION = OPTION_PREFIX + "traceparent"
+#: The most an option's value may hold (``tracestate`` may be longer: then it stays behind).
+OPTION_VALUE_MAX = 256
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
+
+
+class _Options(Getter[Mapping[str, str]]):
+    """Reads the trace context :func:`submit_options` put into a call's options."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(OPTION_PREFIX + key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return [name[len(OPTION_PREFIX) :] for name in carrier if name.startswith(OPTION_PREFIX)]
+
+
+_OPTIONS = _Options()
+
+
+def submit_options() -> dict[str, str] | None:
+    """The current span's context as options of a call (``otel_traceparent``, and
+    ``otel_tracestate`` when it has one that fits), or ``None`` without a span."""
+    carrier: dict[str, str] = {}
+    _TRACE_CONTEXT.inject(carrier)
+    if not carrier:
+        return None
+    return {
+        OPTION_PREFIX + name: value
+        for name, value in carrier.items()
+        if len(value) <= OPTION_VALUE_MAX and value.isascii() and value.isprintable()
+    }
+
+
 #: How many calls may be in progress within one another, in one context.
 MAX_DEPTH = 8
 
@@ -100,6 +150,7 @@ class _Call:
         "measured",
         "name",
         "outer",
+        "pool",
         "request",
         "span",
     )
@@ -112,6 +163,7 @@ class _Call:
         name: str,
         attributes: Attributes,
         measured: Attributes,
+        pool: Attributes,
         outer: _Call | None,
     ) -> None:
         self.request = request
@@ -120,6 +172,7 @@ class _Call:
         self.name = name  # of its attempts' spans: the method
         self.attributes = attributes  # of its attempts' spans, at their start
         self.measured = measured  # of its metrics
+        self.pool = pool  # of its waits for a pooled connection: the origin
         # The call current before this one: one it runs within (a hook of that call made
         # this one), or one cancelled mid-way, whose state stays behind. Links are bounded,
         # so that a task cancelling call after call keeps a few, not all of them.
@@ -174,6 +227,28 @@ class ClientTelemetry:
             description="Attempts that ended before anything was sent (the endpoint guard "
             "refused them, or a plugin failed before this one prepared them).",
         )
+        self._pool_wait = meter.create_histogram(
+            CONNECTION_WAIT_TIME,
+            unit="s",
+            description="Time attempts waited for a connection because every connection of "
+            "the origin's pool was in use (pool_maxsize): one per attempt that waited.",
+            explicit_bucket_boundaries_advisory=WAIT_BUCKETS,
+        )
+        self._meter = meter
+        self._guards: list[EndpointGuard] = []
+
+    # -- the endpoint guard's breakers --------------------------------------------------
+
+    def watch(self, guard: EndpointGuard) -> None:
+        """Report ``guard``'s breakers (``dispatchkit.circuit_breaker.state``) until closed."""
+        breaker_gauge(self._meter).watch(guard)
+        self._guards.append(guard)
+
+    def close(self) -> None:
+        """The dispatcher is closed: its guard's breakers are reported no more."""
+        guards, self._guards = self._guards, []
+        for guard in guards:
+            breaker_gauge(self._meter).unwatch(guard)
 
     # -- the hooks ----------------------------------------------------------------------
 
@@ -198,6 +273,10 @@ class ClientTelemetry:
         span, call.attempt = call.attempt, None
         if attempt.number > 1:
             self._retries.add(1, call.measured)
+        if attempt.pool_wait:
+            self._pool_wait.record(attempt.pool_wait, call.pool)
+            if span is not None:
+                span.set_attribute(CONNECTION_WAIT_TIME, attempt.pool_wait)
         if span is None:  # nothing was sent: no HTTP span, no request duration
             self._refused.add(1, {**call.measured, ERROR_TYPE: attempt.outcome})
             call.span.add_event(
@@ -249,8 +328,9 @@ class ClientTelemetry:
         """Open the call's span and make the call current.
 
         Its parent is the current context; without a span there, the context
-        its headers carry (``Dispatcher.apply(..., headers=...)``, or a
-        ``Call`` that crossed a broker with them), if any.
+        of its submitter, carried in its options (:func:`submit_options`: a
+        call run by an executor, on a Celery worker too); without one, the
+        context its headers carry (``Dispatcher.apply(..., headers=...)``), if any.
         """
         name, method = method_attributes(request.method, DEFAULT_KNOWN_METHODS)
         attributes: Attributes = dict(method)
@@ -259,9 +339,15 @@ class ClientTelemetry:
         if port is not None:
             attributes[SERVER_PORT] = port
         measured: Attributes = dict(attributes)
+        scheme = request.url.partition(":")[0].lower()
+        pool: Attributes = {URL_SCHEME: scheme, SERVER_ADDRESS: address}
+        if port is not None:
+            pool[SERVER_PORT] = port
         attributes[URL_FULL] = redact_url(request.url)
         parent = context.get_current()
-        if not trace.get_current_span(parent).get_span_context().is_valid:
+        if not _has_span(parent) and TRACEPARENT_OPTION in request.options:
+            parent = _TRACE_CONTEXT.extract(request.options, parent, _OPTIONS)
+        if not _has_span(parent):
             parent = propagate.extract(request.headers, parent, _HEADERS)
         span = self._tracer.start_span(
             CALL_SPAN,
@@ -270,6 +356,10 @@ class ClientTelemetry:
             {**attributes, TASK_ID: request.task_id},
             start_time=start,
         )
-        call = _Call(request, span, parent, name, attributes, measured, _CURRENT.get())
+        call = _Call(request, span, parent, name, attributes, measured, pool, _CURRENT.get())
         _CURRENT.set(call)
         return call
+
+
+def _has_span(parent: context.Context) -> bool:
+    return trace.get_current_span(parent).get_span_context().is_valid

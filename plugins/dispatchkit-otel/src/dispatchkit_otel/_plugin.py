@@ -1,26 +1,31 @@
-"""The plugin: three per-call hooks, present only when something will record what they see."""
+"""The plugin: its hooks, present only when something will record what they see."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING
 
-from dispatchkit import Attempt, Outcome, Request, hookimpl
+from dispatchkit import Attempt, Call, EndpointGuard, Outcome, Request, Settings, hookimpl
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
+    from dispatchkit import Dispatcher
     from dispatchkit_otel._client import ClientTelemetry
 
 __all__ = ["OtelPlugin", "configured"]
 
 NAME = "otel"
-_PER_CALL_HOOKS = (
+_HOOKS = (
+    "dispatchkit_submit_options",
     "dispatchkit_prepare_request",
     "dispatchkit_attempt_done",
     "dispatchkit_call_done",
+    "dispatchkit_endpoint_guard",
+    "dispatchkit_close",
 )
 #: Where the API keeps its global providers, and the default (proxy, no-op) ones it gives
 #: until an SDK sets its own: their classes live in these very modules.
@@ -73,7 +78,7 @@ class OtelPlugin:
         self.active = tracer_provider is not None or meter_provider is not None or configured()
         if not self.active:
             # pluggy finds hooks by attribute on the instance: these shadow the methods.
-            for hook in _PER_CALL_HOOKS:
+            for hook in _HOOKS:
                 setattr(self, hook, None)
             return
         # Imported only now: a dormant plugin costs the process no OpenTelemetry import.
@@ -83,6 +88,13 @@ class OtelPlugin:
 
     def __repr__(self) -> str:
         return f"<OtelPlugin {'active' if self.active else 'dormant'}>"
+
+    @hookimpl
+    def dispatchkit_submit_options(self, call: Call) -> Mapping[str, str] | None:
+        # In the submitter's thread: its span context travels with the call, to a worker too.
+        from dispatchkit_otel._client import submit_options
+
+        return submit_options()
 
     # First, so that the attempt's span covers the other plugins' preparations, and the
     # trace headers are in place before any of them reads (or signs) the headers.
@@ -97,3 +109,17 @@ class OtelPlugin:
     @hookimpl
     def dispatchkit_call_done(self, request: Request, outcome: Outcome) -> None:
         self._telemetry.call_ends(request, outcome)
+
+    # A wrapper sees the guard whichever plugin made it, and changes nothing.
+    @hookimpl(wrapper=True)
+    def dispatchkit_endpoint_guard(
+        self, settings: Settings
+    ) -> Generator[None, EndpointGuard | None, EndpointGuard | None]:
+        guard = yield
+        if guard is not None:
+            self._telemetry.watch(guard)  # its breakers, read when metrics are collected
+        return guard
+
+    @hookimpl
+    def dispatchkit_close(self, dispatcher: Dispatcher) -> None:
+        self._telemetry.close()

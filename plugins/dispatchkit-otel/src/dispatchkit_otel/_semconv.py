@@ -56,11 +56,21 @@ SERVER_REQUEST_DURATION = "http.server.request.duration"
 CALL_DURATION = "dispatchkit.call.duration"
 CALL_RETRIES = "dispatchkit.call.retries"
 ATTEMPTS_REFUSED = "dispatchkit.attempt.refused"
+#: Waits for a connection of a full pool. The HTTP conventions have none (their
+#: ``http.client.connection.duration`` is a connection's life, ``http.client.open_connections``
+#: a count); the name follows the database conventions' ``db.client.connection.wait_time``.
+CONNECTION_WAIT_TIME = "dispatchkit.client.connection.wait_time"
+#: The endpoint guard's circuit breakers: 1 for an origin's state, 0 for the two others,
+#: the way the conventions give a state (``hw.status`` and ``hw.state``).
+BREAKER_STATE = "dispatchkit.circuit_breaker.state"
+BREAKER_STATES = ("closed", "open", "half-open")
 
 #: The ``ExplicitBucketBoundaries`` advice of ``http.{client,server}.request.duration``.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 #: A call's duration includes its retries and their waits: the same start, a longer tail.
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: The database conventions' advice for ``db.client.connection.wait_time``: from 1 ms.
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
 
 #: RFC 9110's methods, PATCH (RFC 5789) and QUERY; ``OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS``
 #: (comma-separated) replaces the list, as the conventions require.
