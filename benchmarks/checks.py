@@ -13,8 +13,12 @@ MIB = 5.0
 ASYNC_LEVELS = (4, 16, 64, 256, 1024)
 ASYNC_CALLS = 0.90  # AsyncDispatcher.map's calls/s >= this x hand-written aiohttp's
 ASYNC_CPU = 1.15  # its CPU time per call <= this x aiohttp's
-OVER_SYNC = 2.5  # its calls/s >= this x Dispatcher.map's, fast endpoint ...
-OVER_SYNC_FROM = 64  # ... from this many calls in flight on
+#: Against the threaded Dispatcher.map, fast endpoint, from OVER_SYNC_FROM calls in flight on:
+#: its CPU time per call <= OVER_SYNC_CPU x the map's (what asyncio saves on a few cores);
+#: its calls/s >= OVER_SYNC x the map's is reported, never failed (see docs/benchmarks.md).
+OVER_SYNC_CPU = 0.70
+OVER_SYNC = 2.5
+OVER_SYNC_FROM = 64
 ASYNC_RSS = 1.2  # RSS growth with 1,000 calls in flight <= this x aiohttp's
 
 
@@ -160,10 +164,13 @@ def async_checks(results: dict[str, Any]) -> list[Check]:
     for level in found or [None]:
         at = f"{OVER_SYNC_FROM}+ in flight" if level is None else f"{level:,} in flight"
         rows = _rows(loop, "concurrency", level) if level is not None else {}
-        checks.append(
+        checks += [
+            Check(f"fast, {at}: AsyncDispatcher.map CPU/call <= {OVER_SYNC_CPU:.2f} x "
+                  "Dispatcher.map's", _ours_over(rows, "dk_map", "cpu_median"), "<=",
+                  OVER_SYNC_CPU),
             Check(f"fast, {at}: AsyncDispatcher.map >= {OVER_SYNC:g} x Dispatcher.map's calls/s",
-                  _ours_over(rows, "dk_map"), ">=", OVER_SYNC)
-        )  # fmt: skip
+                  _ours_over(rows, "dk_map"), ">=", OVER_SYNC, stretch=True),
+        ]  # fmt: skip
     memory = results.get("memory_in_flight") or {}
     growth = memory.get("growth_mib") or {}
     base, ours = growth.get("aiohttp"), growth.get("dk_async")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from types import TracebackType
 from typing import Any
 
@@ -20,6 +20,7 @@ from dispatchkit.exceptions import DispatchError, UsageError
 __all__ = ["AsyncDispatcher"]
 
 _EMPTY: Mapping[str, Any] = {}
+_END: Any = object()  # the end of map's calls
 
 
 class AsyncDispatcher:
@@ -123,34 +124,45 @@ class AsyncDispatcher:
         window = concurrency or self.settings.pool_maxsize
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise UsageError(f"concurrency must be a positive int, got {concurrency!r}")
-        slots = asyncio.Semaphore(window)
-        tasks: list[asyncio.Task[Any]] = []
+        source = iter(calls)
+        build = self._pipeline.builder(url, method, options)  # what the calls share, once
+        # Every call's URL starts with url's: its transport, looked up once (else per call).
+        transport = self._transports.get(url.partition(":")[0]) if isinstance(url, str) else None
+        run = self._run
+        values: list[Any] = []
         failed = False
 
-        build = self._pipeline.build
-
-        async def one(kwargs: Mapping[str, Any]) -> Any:
+        async def worker() -> None:
+            # A window of workers, each taking the next call as its last one ends: no task,
+            # semaphore or wrapper coroutine per call. One loop, so taking is never raced.
             nonlocal failed
-            try:
-                return await self._run(build(Call(url, method, kwargs, options=options)))
-            except DispatchError:
-                failed = failed or not return_exceptions
-                raise
-            finally:
-                slots.release()
+            while not failed:
+                kwargs = next(source, _END)
+                if kwargs is _END:
+                    return
+                index = len(values)
+                values.append(None)
+                try:
+                    values[index] = await run(build(kwargs), transport)
+                except DispatchError as exc:
+                    failed = failed or not return_exceptions
+                    values[index] = exc
+                except Exception as exc:  # not the pipeline's: raised in its place at the end
+                    values[index] = exc
+                # The next call starts on the loop's next turn: the answers already in are
+                # read first and the requests go out together, as with a task per call
+                # (sending each as its answer was read cost more CPU: docs/benchmarks.md).
+                await asyncio.sleep(0)
 
+        # A collection says how many calls it holds: no more workers than that.
+        count = max(1, min(window, len(calls))) if isinstance(calls, Sized) else window
+        workers = [asyncio.ensure_future(worker()) for _ in range(count)]
         try:
-            for kwargs in calls:
-                await slots.acquire()
-                if failed:
-                    slots.release()
-                    break
-                tasks.append(asyncio.ensure_future(one(kwargs)))
-            values = await asyncio.gather(*tasks, return_exceptions=True)
-        except BaseException:
-            for task in tasks:
+            await asyncio.gather(*workers)
+        except BaseException:  # cancelled, or taking the next call from ``calls`` failed
+            for task in workers:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*workers, return_exceptions=True)
             raise
         for value in values:
             if isinstance(value, BaseException) and not (
@@ -197,21 +209,38 @@ class AsyncDispatcher:
 
     # -- sending ----------------------------------------------------------------------
 
-    async def _run(self, request: Request) -> Any:
+    async def _run(self, request: Request, transport: AsyncTransport | None = None) -> Any:
+        """Run ``request`` to its retval; ``transport``, when given, is the one for its scheme."""
         if self._closed:
             raise UsageError("this AsyncDispatcher is closed", request=request)
         pipeline = self._pipeline
-        attempt = self._attempt if pipeline.guard is None else self._guarded_attempt
         started = time.perf_counter()
         try:
-            transport = self._transport_for(request)
+            if transport is None:
+                transport = self._transport_for(request)
             try:
-                response = await attempt(request, transport)
+                if pipeline.guard is None:
+                    # _attempt, inline: the first attempt costs no coroutine of its own.
+                    pipeline.begin_attempt(request)
+                    try:
+                        response = await transport.send(request)
+                    except DispatchError as exc:
+                        pipeline.attempt_failed(request, exc)
+                        raise
+                    except Exception as exc:
+                        error = plugin_failure(exc, request)
+                        pipeline.attempt_failed(request, error)
+                        raise error from exc
+                    response = pipeline.checked(request, response)
+                else:
+                    response = await self._guarded_attempt(request, transport)
             except DispatchError as first:
                 if self._retrying is None:
                     raise
+                attempt = self._attempt if pipeline.guard is None else self._guarded_attempt
+                sender = transport
                 response = await self._retrying.copy()(
-                    AsyncAfterFailure(first, lambda: attempt(request, transport))
+                    AsyncAfterFailure(first, lambda: attempt(request, sender))
                 )
             retval = pipeline.retval(request, response)
         except DispatchError as exc:
@@ -221,6 +250,7 @@ class AsyncDispatcher:
         return retval
 
     async def _attempt(self, request: Request, transport: AsyncTransport) -> Response:
+        # The first attempt of an unguarded call runs the same steps inline, in _run.
         pipeline = self._pipeline
         pipeline.begin_attempt(request)
         try:

@@ -15,12 +15,22 @@ import os
 import reprlib
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote_plus
 
+import orjson
 import tenacity
 
-from dispatchkit._encoding import build_request, check_headers, new_task_id
+from dispatchkit._encoding import (
+    FORM,
+    QUERY_METHODS,
+    build_request,
+    check_headers,
+    check_options,
+    new_task_id,
+    normalize_method,
+)
 from dispatchkit._endpoints import (
     EndpointGuard,
     Endpoints,
@@ -31,6 +41,8 @@ from dispatchkit._endpoints import (
 )
 from dispatchkit._models import (
     ATTEMPT_BODY_BYTES,
+    NO_OPTIONS,
+    STATUS_SUCCESS,
     Attempt,
     Call,
     Codec,
@@ -42,6 +54,7 @@ from dispatchkit._models import (
 from dispatchkit._plugins import build_manager
 from dispatchkit._responses import ResponseReader
 from dispatchkit._settings import Settings
+from dispatchkit.builtin.codec import JSONCodec
 from dispatchkit.exceptions import DispatchError, DispatchTimeout, UsageError
 
 log = logging.getLogger("dispatchkit")
@@ -137,6 +150,47 @@ class Pipeline:
                 task_id = repr(task_id)  # a refused one: never a line break into a log
             raise exc.with_context(task_id, str(call.method).upper(), shown) from exc.__cause__
 
+    def builder(
+        self, url: str, method: str, options: Mapping[str, str] | None = None
+    ) -> Callable[[Mapping[str, Any]], Request]:
+        """``build`` for many calls of one URL and method: ``builder(...)(kwargs)``.
+
+        Gives the request ``build(Call(url, method, kwargs, options=options))``
+        would, checking and preparing the parts the calls share once (the method,
+        the options, the headers but the task id); a URL, method or options
+        ``build`` refuses, and arguments its fast encoding does not take, go
+        through ``build`` itself, so every error is the one ``build`` raises.
+        """
+        try:
+            if not isinstance(url, str):
+                raise UsageError("not a str")
+            verb = normalize_method(method)
+            shared = NO_OPTIONS if options is None else check_options(options)
+        except DispatchError:
+            return lambda kwargs: self.build(Call(url, method, kwargs, options=options))
+        headers = dict(self.headers)
+        timeout = self.settings.timeout
+        in_query = verb in QUERY_METHODS
+        if not in_query:
+            headers["Content-Type"] = FORM
+        plain = not in_query or ("?" not in url and "#" not in url)
+        names: dict[object, str] = {}  # an argument's name -> its quoted name and "="
+        task_ids = TaskIds()
+
+        def make(kwargs: Mapping[str, Any]) -> Request:
+            fields = _fields(kwargs, names) if plain else None
+            if fields is None:  # anything but flat str, int, float, bool and None arguments
+                return self.build(Call(url, method, kwargs, options=options))
+            if in_query:
+                target, body = (f"{url}?{fields}" if fields else url), None
+            else:
+                target, body = url, fields.encode("ascii")
+            sent = headers.copy()
+            sent["Idempotency-Key"] = task_id = task_ids()
+            return Request(verb, target, kwargs, sent, body, task_id, timeout, options=shared)
+
+        return make
+
     def begin_attempt(self, request: Request) -> None:
         """Count the attempt, start its clock if it is recorded, run ``prepare_request`` hooks.
 
@@ -179,6 +233,15 @@ class Pipeline:
     def retval(self, request: Request, response: Response) -> Any:
         """The retval of the 2xx answer to the last attempt, or the error its envelope means."""
         if request._began is None:
+            if type(self.reader.codec(request, response)) is JSONCodec and response.body:
+                # The built-in codec's success envelope, read without making the Envelope
+                # (what its decode and the reader do); anything else goes the whole way.
+                try:
+                    envelope = orjson.loads(response.body)
+                except orjson.JSONDecodeError:
+                    envelope = None
+                if type(envelope) is dict and envelope.get("status") == STATUS_SUCCESS:
+                    return envelope.get("retval")
             return self.reader.retval(request, response)
         try:
             retval = self.reader.retval(request, response)
@@ -296,7 +359,9 @@ class Pipeline:
             error=None if error is None else str(error.bind(request)),
             body=body,
             worker=worker(),
+            pool_wait=request._pool_wait,
         )
+        request._pool_wait = 0.0
         if request.attempts is not None:
             request.attempts.append(attempt)
         if self._attempt_done is not None:
@@ -331,6 +396,85 @@ def worker() -> str:
         name = f"{socket.gethostname()}:{pid}"
         _worker = (pid, name)
     return name
+
+
+# Forks of this process so far, as the child sees it: a TaskIds never hands a child the ids
+# it read before the fork (the parent hands out the same ones).
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+class TaskIds:
+    """Task ids as ``new_task_id`` makes them (uuid4 in hex, from ``os.urandom``), without
+    a system call for each: one read of 64 ids' worth of random bytes.
+
+    For one event loop (or thread): two must not share one.
+    """
+
+    __slots__ = ("_at", "_forks", "_hex")
+    COUNT = 64
+
+    def __init__(self) -> None:
+        self._hex, self._at, self._forks = "", 0, -1
+
+    def __call__(self) -> str:
+        at = self._at
+        if at == len(self._hex) or self._forks != _forks:
+            raw = bytearray(os.urandom(16 * self.COUNT))
+            raw[6::16] = bytes((b & 0x0F) | 0x40 for b in raw[6::16])  # version 4
+            raw[8::16] = bytes((b & 0x3F) | 0x80 for b in raw[8::16])  # the RFC 4122 variant
+            self._hex, at, self._forks = raw.hex(), 0, _forks
+        self._at = at + 32
+        return self._hex[at : at + 32]
+
+
+#: How many argument names a :meth:`Pipeline.builder` keeps quoted.
+_NAMES_MAX = 64
+
+
+def _fields(kwargs: Mapping[str, Any], names: dict[object, str]) -> str | None:
+    """The form encoding of ``kwargs`` as ``build`` makes it, for the common arguments.
+
+    Flat ``str``, ``int``, ``float``, ``bool`` and ``None`` values under ``str``
+    names (exactly those types, no subclasses); ``None`` for anything else, and
+    for whatever would make ``build`` raise, which then encodes (or refuses)
+    the arguments itself. ``names`` keeps each name's quoted form and ``=``.
+    """
+    parts: list[str] = []
+    try:
+        for name, value in kwargs.items():
+            if type(name) is not str:
+                return None
+            kind = type(value)
+            if kind is str:
+                text = value if value.isascii() and value.isalnum() else quote_plus(value)
+            elif kind is int:
+                text = str(value)  # digits and "-": nothing to quote
+            elif kind is bool:
+                text = "true" if value else "false"
+            elif value is None:
+                continue  # left out, as build leaves it out
+            elif kind is float:
+                text = quote_plus(str(value))
+            else:
+                return None
+            key = names.get(name)
+            if key is None:
+                key = (name if name.isascii() and name.isalnum() else quote_plus(name)) + "="
+                if len(names) < _NAMES_MAX:
+                    names[name] = key
+            parts.append(key + text)
+    except Exception:  # an int too long for str(), a lone surrogate, a broken mapping
+        return None
+    return "&".join(parts)
 
 
 def plugin_failure(exc: Exception, request: Request) -> DispatchError:

@@ -31,6 +31,7 @@ import ipaddress
 import socket
 import ssl
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from dispatchkit._egress import EgressPolicy
@@ -66,6 +67,8 @@ SWITCHING_PROTOCOLS = 101
 #: completes (fixed in 3.12.8 and 3.13.1): aiohttp's ``enable_cleanup_closed`` is for them.
 _TLS_CLOSE_LEAKS = sys.version_info < (3, 12, 8) or (3, 13) <= sys.version_info < (3, 13, 1)
 EXTRA = "pip install 'dispatchkit[async]'"
+#: How many URLs a transport keeps parsed.
+_URLS_KEPT = 256
 
 
 def import_aiohttp() -> Any:
@@ -80,9 +83,14 @@ def import_aiohttp() -> Any:
 class AiohttpTransport:
     """Sends requests over an aiohttp session made in the event loop that first uses it."""
 
-    def __init__(self, settings: Settings, routes: ProxyRoutes | None = None) -> None:
+    def __init__(
+        self, settings: Settings, routes: ProxyRoutes | None = None, *, pool_waits: bool = False
+    ) -> None:
         self._aiohttp = import_aiohttp()
         self._routes = routes
+        # Time the waits for a connection of a full pool (Attempt.pool_wait): only when asked,
+        # since an aiohttp trace costs every request something.
+        self._pool_waits = pool_waits
         # origin (scheme, host, port) -> its proxy, or None to go direct.
         self._proxies: dict[tuple[str, str | None, int | None], _Via | None] = {}
         if routes is not None:
@@ -96,6 +104,11 @@ class AiohttpTransport:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checked_hosts: set[str] = set()
+        # url -> the yarl URL sent for it: many calls go to one URL (a webhook's POSTs, a
+        # map's equal arguments), and making one costs more than the rest of send().
+        self._urls: dict[str, Any] = {}
+        # No egress policy, no proxy, no redirect to follow: send() takes its short path.
+        self._direct = routes is None and self._policy is None and self._follow == 0
 
     # -- the session ----------------------------------------------------------------------
 
@@ -131,6 +144,7 @@ class AiohttpTransport:
             cookie_jar=lib.DummyCookieJar(),
             auto_decompress=True,
             trust_env=False,  # proxies are ours to choose (and ~/.netrc is not read)
+            trace_configs=[_pool_wait_trace(lib)] if self._pool_waits else None,
         )
         self._session, self._loop = session, loop
         return session
@@ -151,8 +165,41 @@ class AiohttpTransport:
     # -- one attempt ------------------------------------------------------------------------
 
     async def send(self, request: Request) -> Response:
-        session = self._session_here()
-        timeout = self._timeout(request.timeout)
+        session = self._session
+        if session is None or self._loop is not asyncio.get_running_loop():
+            session = self._session_here()  # made now, or the UsageError of another loop
+        timeout = self._timeouts.get(request.timeout) or self._timeout(request.timeout)
+        if self._direct:
+            # One request to the URL as it is: the loop below with one hop and no proxy or
+            # policy, without their bookkeeping (tests/test_async_fast_paths.py).
+            try:
+                async with session.request(
+                    request.method,
+                    self._url(request.url),
+                    data=request.body,
+                    headers=request.headers,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    trace_request_ctx=request,
+                ) as answer:
+                    status, answer_headers = answer.status, answer.headers
+                    if status == SWITCHING_PROTOCOLS:
+                        answer.close()  # the connection speaks something else now: dropped
+                        raise _switched(request)
+                    length = answer.content_length
+                    if (
+                        length is not None
+                        and length <= self._limit
+                        and "Content-Encoding" not in answer_headers
+                    ):
+                        data: bytes = await answer.read()  # the common case, inline
+                    else:
+                        data = await self._read(answer, request)
+                    return Response(status, answer_headers, data)
+            except DispatchError:
+                raise
+            except Exception as exc:
+                _translate(self._aiohttp, exc, request, timeout.total)
         url, method, body = request.url, request.method, request.body
         headers: Any = request.headers
         via: _Via | None = None
@@ -181,6 +228,7 @@ class AiohttpTransport:
                     timeout=timeout,
                     proxy=proxy_url,
                     proxy_headers=proxy_headers,
+                    trace_request_ctx=request,  # for _pool_wait_trace, when there is one
                 ) as answer:
                     status, answer_headers = answer.status, answer.headers
                     if status == PROXY_AUTHENTICATION_REQUIRED and via is not None:
@@ -192,11 +240,7 @@ class AiohttpTransport:
                         )
                     if status == SWITCHING_PROTOCOLS:
                         answer.close()  # the connection speaks something else now: dropped
-                        raise TransportError(
-                            "connection broken: 101 Switching Protocols without an Upgrade request",
-                            request=request,
-                            transient=False,
-                        )
+                        raise _switched(request)
                     if status in REDIRECT_STATUSES and hop < self._follow:
                         location = answer_headers.get("Location")
                         if location:
@@ -211,7 +255,7 @@ class AiohttpTransport:
                         and length <= self._limit
                         and "Content-Encoding" not in answer_headers
                     ):
-                        data: bytes = await answer.read()  # the common case, inline
+                        data = await answer.read()  # the common case, inline
                     else:
                         data = await self._read(answer, request)
                     return Response(status, answer_headers, data)
@@ -240,8 +284,14 @@ class AiohttpTransport:
     def _url(self, url: str) -> Any:
         # A URL made only of RFC 3986 characters goes out exactly as written (as the sync
         # transport sends it, and as the signing plugin signed it); yarl encodes the rest.
-        target = url.partition("://")[2]
-        return self._aiohttp.client.URL(url, encoded=bool(SENT_AS_IS.fullmatch(target)))
+        target = self._urls.get(url)
+        if target is None:
+            encoded = bool(SENT_AS_IS.fullmatch(url.partition("://")[2]))
+            target = self._aiohttp.client.URL(url, encoded=encoded)
+            if len(self._urls) >= _URLS_KEPT:
+                self._urls.clear()  # many URLs, each seldom again: start over
+            self._urls[url] = target  # a yarl URL is immutable: shared safely
+        return target
 
     def _check_literal(self, host: str, request: Request) -> None:
         """aiohttp skips the resolver for an IP address: check a literal host here."""
@@ -302,6 +352,28 @@ class _Via(NamedTuple):
     url: Any
 
 
+def _pool_wait_trace(aiohttp: Any) -> Any:
+    """An aiohttp ``TraceConfig`` that adds each wait for a connection of a full pool
+    (``limit_per_host``) to the recorded attempt's ``pool_wait``.
+
+    aiohttp signals the wait's end only when a connection came: a wait the
+    attempt's deadline cut short is not counted.
+    """
+    config = aiohttp.TraceConfig()
+
+    async def queued(session: Any, context: Any, params: Any) -> None:
+        context.dk_queued = time.perf_counter()
+
+    async def dequeued(session: Any, context: Any, params: Any) -> None:
+        request = context.trace_request_ctx
+        if isinstance(request, Request) and request._began is not None:
+            request._pool_wait += time.perf_counter() - context.dk_queued
+
+    config.on_connection_queued_start.append(queued)
+    config.on_connection_queued_end.append(dequeued)
+    return config
+
+
 def _check_routes(routes: ProxyRoutes) -> None:
     """Refuse the proxies aiohttp cannot use, while the AsyncDispatcher is built."""
     for proxy in routes.proxies:
@@ -350,6 +422,14 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | bool:
     if settings.client_cert is not None:
         context.load_cert_chain(settings.client_cert, settings.client_key)
     return context
+
+
+def _switched(request: Request) -> TransportError:
+    return TransportError(
+        "connection broken: 101 Switching Protocols without an Upgrade request",
+        request=request,
+        transient=False,
+    )
 
 
 def _translate(aiohttp: Any, exc: Exception, request: Request, total: float | None) -> NoReturn:
@@ -427,5 +507,9 @@ class Plugin:
         if scheme not in SCHEMES:
             return None
         if self._transport is None:
-            self._transport = AiohttpTransport(dispatcher.settings, self._routes)
+            # Pool waits are timed only for a dispatcher whose attempts a hook records.
+            records = any("dispatchkit_attempt_done" in info.hooks for info in dispatcher.plugins)
+            self._transport = AiohttpTransport(
+                dispatcher.settings, self._routes, pool_waits=records
+            )
         return self._transport
