@@ -188,6 +188,11 @@ class Endpoints:
     def __init__(self, guard: EndpointGuard | None) -> None:
         self._guard = guard
 
+    @property
+    def guard(self) -> EndpointGuard | None:
+        """The guard in use (``dispatchkit_endpoint_guard``'s), ``None`` without one."""
+        return self._guard
+
     def list(self) -> list[EndpointState]:
         """Every origin the guard keeps state for, sorted by origin."""
         if self._guard is None:

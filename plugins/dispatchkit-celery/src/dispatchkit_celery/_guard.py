@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -261,6 +262,57 @@ def _eval(pipe: Pipeline, script: str, keys: list[str], args: list[str | float])
     pipe.eval(script, len(keys), *keys, *args)  # by its text: see _ledger._eval
 
 
+def _decoded(reply: list[Any]) -> list[Any]:
+    """A script's reply read on a client that does not decode (the ledger's): as this one's."""
+    return [item.decode() if isinstance(item, bytes) else item for item in reply]
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """An admission asked for before the dispatcher asks: its lease, then its reply."""
+
+    origin: str
+    endpoint: str
+    lease: str
+    reply: list[Any] | None = None
+
+
+class Ride:
+    """A call whose guard round trips ride on the worker's writes (:meth:`RedisGuard.ride`)."""
+
+    __slots__ = ("ahead", "guard", "reports")
+
+    def __init__(self, guard: RedisGuard, ahead: _Ahead) -> None:
+        self.guard = guard
+        self.ahead: _Ahead | None = ahead
+        self.reports: list[tuple[list[str], list[str | float]]] = []
+
+    def queue_admission(self, pipe: Pipeline) -> None:
+        """Queue the call's admission on ``pipe``; hand its reply to :meth:`admitted`."""
+        ahead = self.ahead
+        if ahead is not None:
+            guard = self.guard
+            args = guard._admit_args(ahead.origin, ahead.endpoint, ahead.lease)
+            _eval(pipe, _ADMIT, guard.keys(ahead.origin), args)
+
+    def admitted(self, reply: Any) -> None:
+        """The reply of the admission :meth:`queue_admission` queued (an error: ask again)."""
+        if self.ahead is not None:
+            if isinstance(reply, Exception):
+                self.ahead = None  # the dispatcher asks the guard itself
+            else:
+                self.ahead.reply = list(reply)
+
+    def queue_reports(self, pipe: Pipeline) -> None:
+        """Queue the reports kept so far on ``pipe``: carried from then on."""
+        reports, self.reports = self.reports, []
+        self.guard.queue_reports(pipe, reports)
+
+
+#: The ride of the worker's call running in this context, if any.
+_riding: ContextVar[Ride | None] = ContextVar("dispatchkit_riding", default=None)
+
+
 def lease_for(settings: Settings) -> float:
     """Seconds an admitted attempt holds its slot at most: twice the dispatcher's longest one."""
     return float(LEASE_FACTOR * (settings.deadline or DEADLINE_FACTOR * settings.timeout))
@@ -313,15 +365,19 @@ class RedisGuard:
     # -- every attempt ------------------------------------------------------------------
 
     def admit(self, origin: str, endpoint: str, now: float) -> Admission:
-        """One script on Redis's clock (``now`` is not used: hosts' clocks differ)."""
+        """One script on Redis's clock (``now`` is not used: hosts' clocks differ).
+
+        Within :meth:`ride`, the first admission of the ride's endpoint was asked
+        for ahead, with the worker's own writes: its answer is used instead.
+        """
+        ride = _riding.get()
+        if ride is not None and ride.guard is self and ride.ahead is not None:
+            ahead, ride.ahead = ride.ahead, None
+            if (ahead.origin, ahead.endpoint) == (origin, endpoint) and ahead.reply is not None:
+                return self._admission(origin, ahead.lease, _decoded(ahead.reply))
+            self._drop(ahead)
         lease = self._lease_id()
-        failures, cooldown, _ = self._breaker
-        rate = self.policy.rate_limit(origin)
-        args: list[str | float] = [
-            origin, endpoint, lease, self.lease, failures, cooldown,
-            rate.per_second if rate else 0, rate.burst if rate else 0, rate.text if rate else "",
-            self.policy.concurrency or 0, self.ttl,
-        ]  # fmt: skip
+        args = self._admit_args(origin, endpoint, lease)
         try:
             (reply,) = self.batch.run(lambda pipe: _eval(pipe, _ADMIT, self.keys(origin), args))
         except redis.RedisError as exc:
@@ -329,6 +385,19 @@ class RedisGuard:
                 f"the endpoint guard's Redis ({mask_url(self.url)}) did not answer: {exc}; "
                 "nothing was sent"
             ) from exc
+        return self._admission(origin, lease, reply)
+
+    def _admit_args(self, origin: str, endpoint: str, lease: str) -> list[str | float]:
+        failures, cooldown, _ = self._breaker
+        rate = self.policy.rate_limit(origin)
+        return [
+            origin, endpoint, lease, self.lease, failures, cooldown,
+            rate.per_second if rate else 0, rate.burst if rate else 0, rate.text if rate else "",
+            self.policy.concurrency or 0, self.ttl,
+        ]  # fmt: skip
+
+    def _admission(self, origin: str, lease: str, reply: list[Any]) -> Admission:
+        """What the admission script's ``reply`` means; an admitted lease is held."""
         verdict = reply[0]
         if verdict == "go":
             probe = bool(reply[1])
@@ -369,10 +438,57 @@ class RedisGuard:
             origin, endpoint, verdict, lease, int(probe), failures, cooldown, max_cooldown,
             int(self.policy.disable_on_gone), self.ttl,
         ]  # fmt: skip
+        ride = _riding.get()
+        if ride is not None and ride.guard is self:  # goes with the worker's next writes
+            ride.reports.append((self.keys(origin), args))
+            return
+        self._send_reports([(self.keys(origin), args)])
+
+    def _send_reports(self, reports: list[tuple[list[str], list[str | float]]]) -> None:
         try:
-            self.batch.run(lambda pipe: _eval(pipe, _REPORT, self.keys(origin), args))
+            self.batch.run(lambda pipe: self.queue_reports(pipe, reports))
         except redis.RedisError as exc:  # the lease ends by itself; the verdict is lost
-            log.warning("the endpoint guard's Redis did not take a report for %s: %s", origin, exc)
+            log.warning("the endpoint guard's Redis did not take a report: %s", exc)
+
+    # -- riding along with a worker's writes ----------------------------------------------
+
+    @contextlib.contextmanager
+    def ride(self, url: str) -> Iterator[Ride]:
+        """Within this block (a worker's call to ``url``), the guard's round trips may ride
+        along with the worker's own writes to the same Redis: the call's admission asked
+        ahead (:meth:`Ride.queue_admission`, then :meth:`Ride.admitted` with its reply),
+        its report kept for the worker's next pipeline (:meth:`Ride.queue_reports`).
+        Whatever was not carried when the block ends is sent by the guard itself.
+        """
+        origin, endpoint = endpoint_key(url)
+        ride = Ride(self, _Ahead(origin, endpoint, self._lease_id()))
+        token = _riding.set(ride)
+        try:
+            yield ride
+        finally:
+            _riding.reset(token)
+            if ride.ahead is not None:  # asked for and never used (a duplicate, an error)
+                self._drop(ride.ahead)
+            if ride.reports:
+                self._send_reports(ride.reports)
+
+    def queue_reports(
+        self, pipe: Pipeline, reports: list[tuple[list[str], list[str | float]]]
+    ) -> None:
+        for keys, args in reports:
+            _eval(pipe, _REPORT, keys, args)
+
+    def _drop(self, ahead: _Ahead) -> None:
+        """Give back the slot (and the probe) of an admission asked ahead and not used."""
+        reply = None if ahead.reply is None else _decoded(ahead.reply)
+        if not reply or reply[0] != "go":
+            return  # nothing held (or no answer: the lease ends by itself)
+        failures, cooldown, max_cooldown = self._breaker
+        args: list[str | float] = [
+            ahead.origin, ahead.endpoint, "neutral", ahead.lease, int(reply[1]), failures,
+            cooldown, max_cooldown, int(self.policy.disable_on_gone), self.ttl,
+        ]  # fmt: skip
+        self._send_reports([(self.keys(ahead.origin), args)])
 
     # -- dispatcher.endpoints -------------------------------------------------------------
 

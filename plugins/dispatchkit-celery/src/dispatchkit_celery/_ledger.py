@@ -298,16 +298,21 @@ class Ledger:
         replayed). ``state`` (on this Redis) is stored in the same script if the
         message runs its attempt.
         """
+        (offset,) = self.batch.run(lambda pipe: self.add_take(pipe, task_id, attempt, token, state))
+        return None if int(offset) < 0 else int(offset)
+
+    def add_take(
+        self, pipe: Pipeline, task_id: str, attempt: int, token: str, state: Stored | None = None
+    ) -> None:
+        """Queue :meth:`take_attempt` on ``pipe``: its reply is the offset, or -1."""
         keys: list[KeyT] = [self.call_key(task_id), self.due]
         args: list[EncodableT] = [attempt, token, task_id]
-        if state is None:
-            script = _TAKE
-        else:
+        script = _TAKE
+        if state is not None:
             script = _TAKE_AND_STORE
             keys.append(state.key)
             args += [state.payload, state.seconds]
-        (offset,) = self.batch.run(lambda pipe: _eval(pipe, script, keys, args))
-        return None if int(offset) < 0 else int(offset)
+        _eval(pipe, script, keys, args)
 
     def record(self, task_id: str, records: Sequence[Mapping[str, Any]], ttl: float) -> None:
         """Add the records of attempts that ended; keep them ``ttl`` s after this."""

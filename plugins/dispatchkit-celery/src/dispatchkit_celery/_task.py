@@ -50,7 +50,7 @@ from redis.client import Pipeline
 from dispatchkit import Attempt, Call, Dispatcher, DispatchError, EndpointDisabledError
 from dispatchkit_celery._config import WorkerConfig, build_dispatcher, is_redis
 from dispatchkit_celery._dead_letters import bury
-from dispatchkit_celery._guard import deferrable, deferred_until
+from dispatchkit_celery._guard import RedisGuard, Ride, deferrable, deferred_until
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._results import StateWriter, Stored, state_writer
 from dispatchkit_celery._schedule import RetrySchedule
@@ -92,6 +92,25 @@ class _Process:
                 assert url is not None  # WorkerConfig refuses a worker without one
                 self._ledger = Ledger(url)
             return self._ledger
+
+    @property
+    def guard(self) -> RedisGuard | None:
+        """The dispatcher's guard, when it keeps its state on the ledger's Redis: its round
+        trips can then ride on the ledger's pipelines."""
+        guard = self.dispatcher.endpoints.guard
+        if isinstance(guard, RedisGuard) and guard.url == self.config.ledger_url:
+            return guard
+        return None
+
+    def ride(self, call: dict[str, Any]) -> contextlib.AbstractContextManager[Ride | None]:
+        """:meth:`RedisGuard.ride` for ``call``, where the guard allows it."""
+        guard, url = self.guard, call.get("url")
+        if guard is None or not isinstance(url, str):
+            return contextlib.nullcontext()
+        try:
+            return guard.ride(url)
+        except (DispatchError, ValueError):  # a URL the call itself will refuse
+            return contextlib.nullcontext()
 
     def writer(self, app: celery.Celery) -> StateWriter | None:
         """Writes task states on the ledger's pipelines, where the backend allows it."""
@@ -160,6 +179,8 @@ class Delivery:
     hostname: str | None
     queue: str
     offset: int | None = None
+    #: The endpoint guard's round trips for this call ride on its ledger writes (if any).
+    ride: Ride | None = None
     #: The call's result is stored here, not by Celery (a chunk's call, or a message sent
     #: with ``ignore_result``): the records of its last attempt wait in ``records`` to be
     #: written with it.
@@ -185,20 +206,21 @@ def http_dispatch(
     settles = bool(getattr(request, "ignore_result", False))
     delivery = Delivery(task.app, request.id, request.hostname, _queue(task), settles=settles)
     ends = attempt if schedule is not None else None
-    try:
-        retval = dispatch_call(delivery, call, attempt, schedule, token)
-    except (Ignore, Reject):
-        raise
-    except Exception as exc:
-        if settles:
-            _settle_message(task, delivery, "FAILURE", exc, ends)
-        raise
-    else:
-        if settles:
-            _settle_message(task, delivery, "SUCCESS", retval, ends)
-        return retval
-    finally:
-        request.dispatchkit_offset = delivery.offset  # for after_return
+    with worker_process(task.app).ride(call) as delivery.ride:
+        try:
+            retval = dispatch_call(delivery, call, attempt, schedule, token)
+        except (Ignore, Reject):
+            raise
+        except Exception as exc:
+            if settles:
+                _settle_message(task, delivery, "FAILURE", exc, ends)
+            raise
+        else:
+            if settles:
+                _settle_message(task, delivery, "SUCCESS", retval, ends)
+            return retval
+        finally:
+            request.dispatchkit_offset = delivery.offset  # for after_return
 
 
 def _settle_message(
@@ -266,22 +288,23 @@ def _run_in_batch(
         log.info("task %s: sent on alone, the chunk's time is up", task_id)
         return False
     delivery = Delivery(app, task_id, hostname, queue, settles=True)
-    try:
-        retval = dispatch_call(delivery, call, attempt, schedule, token)
-    except Ignore:  # it waits in the ledger, or it was a duplicate
+    with process.ride(call) as delivery.ride:
+        try:
+            retval = dispatch_call(delivery, call, attempt, schedule, token)
+        except Ignore:  # it waits in the ledger, or it was a duplicate
+            return False
+        except Reject:  # the ledger could not record it
+            return True
+        except Exception as exc:  # its failure: stored as the single task's would be
+            state, value = "FAILURE", exc
+        else:
+            state, value = "SUCCESS", retval
+        try:
+            _settle(delivery, process, state, value, attempt if schedule is not None else None)
+        except Exception as exc:
+            log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
+            return True
         return False
-    except Reject:  # the ledger could not record it
-        return True
-    except Exception as exc:  # its failure: stored as the single task's would be
-        state, value = "FAILURE", exc
-    else:
-        state, value = "SUCCESS", retval
-    try:
-        _settle(delivery, process, state, value, attempt if schedule is not None else None)
-    except Exception as exc:
-        log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
-        return True
-    return False
 
 
 def _settle(
@@ -325,6 +348,8 @@ def _queue_end(
     config: WorkerConfig,
 ) -> None:
     task_id = delivery.task_id
+    if delivery.ride is not None:
+        delivery.ride.queue_reports(pipe)
     ledger.add_records(pipe, task_id, delivery.records or [], config.attempts_ttl)
     if attempt is None:
         ledger.store_state(pipe, stored)
@@ -370,7 +395,9 @@ def dispatch_call(
     started = None
     if retries is not None:
         started = _encoded(delivery, process, "STARTED", started_meta)
-        offset = _take(process, task_id, attempt, token, started)
+        offset = _take(process, delivery, attempt, token, started)
+    elif delivery.ride is not None:
+        delivery.ride.ahead = None  # no take to ride on: the dispatcher asks the guard
     delivery.offset = offset
     number = attempt + (offset or 0)  # a replayed call's attempts number on after the old
     if started is None or offset is None:  # else the take stored it
@@ -508,15 +535,27 @@ def _queue(task: celery.Task) -> str:
 
 
 def _take(
-    process: _Process, task_id: str, attempt: int, token: str, started: Stored | None
+    process: _Process, delivery: Delivery, attempt: int, token: str, started: Stored | None
 ) -> int | None:
     """The call's offset if this message runs its attempt (``None``: offset unknown).
 
-    ``started`` is stored if it does, in the same script. A duplicate is dropped
-    here (``Ignore``).
+    ``started`` is stored if it does, in the same script, and the call's admission
+    by the endpoint guard is asked for in the same round trip (``delivery.ride``).
+    A duplicate is dropped here (``Ignore``).
     """
+    task_id, ledger, ride = delivery.task_id, process.ledger, delivery.ride
     try:
-        offset = process.ledger.take_attempt(task_id, attempt, token, started)
+        if ride is None:
+            offset = ledger.take_attempt(task_id, attempt, token, started)
+        else:
+            took, admitted = ledger.batch.run(
+                lambda pipe: _queue_take(pipe, ledger, ride, task_id, attempt, token, started),
+                raise_errors=False,
+            )
+            ride.admitted(admitted)
+            if isinstance(took, Exception):
+                raise took
+            offset = None if int(took) < 0 else int(took)
     except redis.RedisError as exc:
         # Without the ledger, running the attempt is the safe side (at least once).
         log.warning("task %s: cannot read the ledger (%s): attempt runs", task_id, exc)
@@ -539,6 +578,19 @@ def _encoded(delivery: Delivery, process: _Process, state: str, meta: Any) -> St
     except Exception as exc:  # the backend's own store_result will say it
         log.debug("task %s: state %s left to the backend: %s", delivery.task_id, state, exc)
         return None
+
+
+def _queue_take(
+    pipe: Pipeline,
+    ledger: Ledger,
+    ride: Ride,
+    task_id: str,
+    attempt: int,
+    token: str,
+    started: Stored | None,
+) -> None:
+    ledger.add_take(pipe, task_id, attempt, token, started)
+    ride.queue_admission(pipe)
 
 
 def _set_state(delivery: Delivery, state: str, meta: Any) -> None:
