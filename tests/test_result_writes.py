@@ -363,3 +363,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_scripts_go_by_sha_and_come_back_after_redis_lost_them(
+    app: celery.Celery, ledger: Ledger, url: str
+) -> None:
+    """After ``SCRIPT FLUSH`` (or a Redis restart) the command that met ``NOSCRIPT`` fails as
+    on any Redis error; the coalescer loads its scripts again before its next pipeline."""
+    writer = writer_of(app, url)
+    first, second = new_ids()
+    write(ledger, writer, first, 1, states.SUCCESS)  # the scripts are loaded by now
+    ledger.client.script_flush()
+    with pytest.raises(redis.exceptions.NoScriptError):
+        write(ledger, writer, second, 2, states.SUCCESS)
+    write(ledger, writer, second, 2, states.SUCCESS)
+    assert (app.AsyncResult(first).get(timeout=5), app.AsyncResult(second).get(timeout=5)) == (1, 2)

@@ -13,12 +13,19 @@ Each thread gets back the replies of its own commands only, or the error of
 its own commands: the pipeline is not a transaction, the commands run in the
 order they were queued, and a script's error fails only the thread that
 queued it.
+
+Lua scripts (:class:`Script`) go by their SHA1 (``EVALSHA``), not their text:
+a coalescer loads every script into Redis before its first pipeline, and again
+after Redis answered ``NOSCRIPT`` (it restarted, or its scripts were flushed;
+the command that got it failed, as on any Redis error). redis-py's own
+``Script`` would ask ``SCRIPT EXISTS`` before every pipeline: a round trip more.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -26,6 +33,25 @@ from redis.client import Pipeline
 
 #: Queues one thread's commands on a pipeline.
 Commands = Callable[[Pipeline], object]
+
+
+class Script:
+    """A Lua script that coalescers load, queued on their pipelines by its SHA1."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+        _SCRIPTS.append(self)
+
+    def queue(self, pipe: Pipeline, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        """Queue a call of this script on ``pipe`` (one of a :class:`Coalescer`'s)."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+
+#: Every script made: each coalescer loads them all (a few kB, once).
+_SCRIPTS: list[Script] = []
 
 
 class _Turn:
@@ -55,6 +81,7 @@ class Coalescer:
         self._lock = threading.Lock()
         self._queued: list[_Turn] = []
         self._sending = False
+        self._loaded = 0  # how many of _SCRIPTS Redis has, as far as this coalescer knows
 
     def run(self, commands: Commands, *, raise_errors: bool = True) -> list[Any]:
         """The replies of the commands ``commands`` queues, in order.
@@ -113,6 +140,13 @@ class Coalescer:
 
     def _carry(self, turns: list[_Turn]) -> None:
         spans: list[tuple[_Turn, int, int]] = []
+        try:
+            self._load_scripts()
+        except BaseException as exc:  # the round trip failed: every turn waiting did
+            for turn in turns:
+                turn.error = exc
+                turn.done.set()
+            return
         with self.client.pipeline(transaction=False) as pipe:
             for turn in turns:
                 start = len(pipe)
@@ -129,8 +163,20 @@ class Coalescer:
                 for turn, _, _ in spans:
                     turn.error = exc
                 replies = []
+        if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+            self._loaded = 0  # Redis lost them: loaded again before the next pipeline
         for turn, start, end in spans:
             if turn.error is None:
                 turn.replies = replies[start:end]
         for turn in turns:
             turn.done.set()
+
+    def _load_scripts(self) -> None:
+        if self._loaded == len(_SCRIPTS):
+            return
+        scripts = list(_SCRIPTS)
+        with self.client.pipeline(transaction=False) as pipe:
+            for script in scripts:
+                pipe.script_load(script.text)
+            pipe.execute()
+        self._loaded = len(scripts)

@@ -62,7 +62,7 @@ from dispatchkit._endpoints import ADMITTED, PROBE, endpoint_key
 from dispatchkit._redact import mask_url
 from dispatchkit.builtin.endpoints import EndpointPolicy
 from dispatchkit.builtin.transport import DEADLINE_FACTOR
-from dispatchkit_celery._coalesce import Coalescer
+from dispatchkit_celery._coalesce import Coalescer, Script
 
 log = logging.getLogger("dispatchkit.celery")
 
@@ -258,8 +258,12 @@ def deferred_until(
     return now + wait + pick.uniform(*DEFER_JITTER) + pick.uniform(0.0, DEFER_SPREAD * wait)
 
 
+_SCRIPT = {text: Script(text) for text in (_ADMIT, _REPORT)}
+
+
 def _eval(pipe: Pipeline, script: str, keys: list[str], args: list[str | float]) -> None:
-    pipe.eval(script, len(keys), *keys, *args)  # by its text: see _ledger._eval
+    """Queue ``script`` on ``pipe``, one of a coalescer's (the guard's or the ledger's)."""
+    _SCRIPT[script].queue(pipe, keys, args)
 
 
 def _decoded(reply: list[Any]) -> list[Any]:

@@ -52,7 +52,7 @@ import redis
 from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT, KeyT
 
-from dispatchkit_celery._coalesce import Coalescer
+from dispatchkit_celery._coalesce import Coalescer, Script
 from dispatchkit_celery._config import DEFAULT_ATTEMPTS_TTL
 from dispatchkit_celery._results import STORE_FUNCTION, Stored
 
@@ -168,10 +168,15 @@ return finish()
 )
 
 
+# The scripts of the coalesced writes, queued by their SHA1 (see _coalesce.Script).
+_SCRIPT = {
+    text: Script(text) for text in (_TAKE, _STORE, _TAKE_AND_STORE, _FINISH, _STORE_AND_FINISH)
+}
+
+
 def _eval(pipe: Pipeline, script: str, keys: list[KeyT], args: list[EncodableT]) -> None:
-    """Queue ``script`` on ``pipe`` by its text: a pipeline's ``EVALSHA`` would cost a
-    ``SCRIPT EXISTS`` round trip first (redis-py checks before every pipeline)."""
-    pipe.eval(script, len(keys), *keys, *args)
+    """Queue ``script`` on ``pipe``, one of the ledger's coalescer's."""
+    _SCRIPT[script].queue(pipe, keys, args)
 
 
 def _text(value: bytes | str) -> str:
