@@ -151,3 +151,16 @@ def test_an_open_breaker_is_seen_ahead_as_alone(guard: RedisGuard, ledger: Ledge
     assert alone.verdict == riding.verdict == "open"
     assert riding.retry_at == pytest.approx(alone.retry_at, abs=1.0)
     assert in_flight(guard, origin) == 0
+
+
+def test_flush_sends_the_kept_reports_at_once(guard: RedisGuard, ledger: Ledger) -> None:
+    """A call that waits for its next attempt reports before its wait is recorded."""
+    origin, endpoint = "http://127.0.0.1:8006", "http://127.0.0.1:8006/hook"
+    with guard.ride(endpoint) as ride:
+        ahead(ledger, ride)
+        assert guard.admit(origin, endpoint, time.time()) == ADMITTED
+        guard.report(origin, endpoint, "failure", time.time())
+        assert in_flight(guard, origin) == 1
+        ride.flush()
+        assert in_flight(guard, origin) == 0
+        assert ride.reports == []

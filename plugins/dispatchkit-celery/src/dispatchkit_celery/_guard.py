@@ -312,6 +312,12 @@ class Ride:
         reports, self.reports = self.reports, []
         self.guard.queue_reports(pipe, reports)
 
+    def flush(self) -> None:
+        """Send the reports kept so far now, on the guard's own round trip."""
+        reports, self.reports = self.reports, []
+        if reports:
+            self.guard._send_reports(reports)
+
 
 #: The ride of the worker's call running in this context, if any.
 _riding: ContextVar[Ride | None] = ContextVar("dispatchkit_riding", default=None)

@@ -453,6 +453,8 @@ def _schedule_next(
     may start (and write its own state) at any moment.
     """
     task_id = delivery.task_id
+    if delivery.ride is not None:  # the attempt's report goes before its wait is recorded
+        delivery.ride.flush()
     _set_state(delivery, "RETRY", Waiting(due, attempt))
     config = process.config
     try:
@@ -482,6 +484,8 @@ def _bury(
     """Keep the call as a dead letter before its FAILURE is stored: a caller that sees one
     finds the other."""
     task_id = delivery.task_id
+    if delivery.ride is not None:  # the attempt's report goes before its dead letter
+        delivery.ride.flush()
     config = process.config
     try:
         bury(
