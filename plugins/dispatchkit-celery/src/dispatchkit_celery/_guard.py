@@ -88,7 +88,7 @@ _lease_ids = itertools.count()
 # (0: no breaker), 6 cooldown, 7 rate per second (0: none), 8 burst, 9 rate as given,
 # 10 cap (0: none), 11 seconds the hash is kept.
 # Returns {'go', probe}, {'wait', seconds, reason}, {'open', retry_at, reason} or {'disabled'}.
-_ADMIT = """
+_ADMIT = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function num(x) return string.format('%.17g', x) end
@@ -146,12 +146,12 @@ if probe == 1 then
 end
 redis.call('EXPIRE', origin, ARGV[11])
 return {'go', probe}
-"""
+""")
 
 # KEYS: as for _ADMIT. ARGV: 1 origin, 2 endpoint, 3 verdict, 4 lease id, 5 probe (1 or 0),
 # 6 failures that open the breaker (0: no breaker), 7 cooldown, 8 max cooldown,
 # 9 disable_on_gone (1 or 0), 10 seconds the hash is kept.
-_REPORT = """
+_REPORT = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local function num(x) return string.format('%.17g', x) end
@@ -194,7 +194,7 @@ end
 -- Otherwise a late report of an attempt admitted before the breaker opened.
 redis.call('EXPIRE', origin, ARGV[10])
 return 1
-"""
+""")
 
 
 class GuardUnavailable(TransportError):
@@ -258,14 +258,6 @@ def deferred_until(
     return now + wait + pick.uniform(*DEFER_JITTER) + pick.uniform(0.0, DEFER_SPREAD * wait)
 
 
-_SCRIPT = {text: Script(text) for text in (_ADMIT, _REPORT)}
-
-
-def _eval(pipe: Pipeline, script: str, keys: list[str], args: list[str | float]) -> None:
-    """Queue ``script`` on ``pipe``, one of a coalescer's (the guard's or the ledger's)."""
-    _SCRIPT[script].queue(pipe, keys, args)
-
-
 def _decoded(reply: list[Any]) -> list[Any]:
     """A script's reply read on a client that does not decode (the ledger's): as this one's."""
     return [item.decode() if isinstance(item, bytes) else item for item in reply]
@@ -297,7 +289,7 @@ class Ride:
         if ahead is not None:
             guard = self.guard
             args = guard._admit_args(ahead.origin, ahead.endpoint, ahead.lease)
-            _eval(pipe, _ADMIT, guard.keys(ahead.origin), args)
+            _ADMIT.queue(pipe, guard.keys(ahead.origin), args)
 
     def admitted(self, reply: Any) -> None:
         """The reply of the admission :meth:`queue_admission` queued (an error: ask again)."""
@@ -389,7 +381,7 @@ class RedisGuard:
         lease = self._lease_id()
         args = self._admit_args(origin, endpoint, lease)
         try:
-            (reply,) = self.batch.run(lambda pipe: _eval(pipe, _ADMIT, self.keys(origin), args))
+            (reply,) = self.batch.run(lambda pipe: _ADMIT.queue(pipe, self.keys(origin), args))
         except redis.RedisError as exc:
             raise GuardUnavailable(
                 f"the endpoint guard's Redis ({mask_url(self.url)}) did not answer: {exc}; "
@@ -486,7 +478,7 @@ class RedisGuard:
         self, pipe: Pipeline, reports: list[tuple[list[str], list[str | float]]]
     ) -> None:
         for keys, args in reports:
-            _eval(pipe, _REPORT, keys, args)
+            _REPORT.queue(pipe, keys, args)
 
     def _drop(self, ahead: _Ahead) -> None:
         """Give back the slot (and the probe) of an admission asked ahead and not used."""

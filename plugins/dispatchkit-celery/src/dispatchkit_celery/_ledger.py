@@ -121,12 +121,12 @@ local function take()
   return -1
 end
 """
-_TAKE = _TAKE_FUNCTION + "return take()\n"
+_TAKE = Script(_TAKE_FUNCTION + "return take()\n")
 # KEYS[1]: a task's key in the result backend. ARGV: its encoded state, seconds to keep it.
-_STORE = STORE_FUNCTION + "return store(KEYS[1], ARGV[1], ARGV[2])\n"
+_STORE = Script(STORE_FUNCTION + "return store(KEYS[1], ARGV[1], ARGV[2])\n")
 # The same, and when the message runs its attempt, the task's state (KEYS[3]: its key;
 # ARGV 4 and 5: the encoded state and its seconds to keep) stored as _results writes it.
-_TAKE_AND_STORE = (
+_TAKE_AND_STORE = Script(
     _TAKE_FUNCTION
     + STORE_FUNCTION
     + """
@@ -155,10 +155,10 @@ local function finish()
   return 1
 end
 """
-_FINISH = _FINISH_FUNCTION + "return finish()\n"
+_FINISH = Script(_FINISH_FUNCTION + "return finish()\n")
 # The task's state first (KEYS[3]: its key; ARGV 5 and 6: the encoded state and its seconds
 # to keep), stored as _results writes it; the call is done only once its result is stored.
-_STORE_AND_FINISH = (
+_STORE_AND_FINISH = Script(
     STORE_FUNCTION
     + _FINISH_FUNCTION
     + """
@@ -168,15 +168,9 @@ return finish()
 )
 
 
-# The scripts of the coalesced writes, queued by their SHA1 (see _coalesce.Script).
-_SCRIPT = {
-    text: Script(text) for text in (_TAKE, _STORE, _TAKE_AND_STORE, _FINISH, _STORE_AND_FINISH)
-}
-
-
-def _eval(pipe: Pipeline, script: str, keys: list[KeyT], args: list[EncodableT]) -> None:
-    """Queue ``script`` on ``pipe``, one of the ledger's coalescer's."""
-    _SCRIPT[script].queue(pipe, keys, args)
+def taken_offset(reply: Any) -> int | None:
+    """What a take script's ``reply`` says: the call's offset, ``None`` for a duplicate."""
+    return None if int(reply) < 0 else int(reply)
 
 
 def _text(value: bytes | str) -> str:
@@ -303,8 +297,8 @@ class Ledger:
         replayed). ``state`` (on this Redis) is stored in the same script if the
         message runs its attempt.
         """
-        (offset,) = self.batch.run(lambda pipe: self.add_take(pipe, task_id, attempt, token, state))
-        return None if int(offset) < 0 else int(offset)
+        (reply,) = self.batch.run(lambda pipe: self.add_take(pipe, task_id, attempt, token, state))
+        return taken_offset(reply)
 
     def add_take(
         self, pipe: Pipeline, task_id: str, attempt: int, token: str, state: Stored | None = None
@@ -317,7 +311,7 @@ class Ledger:
             script = _TAKE_AND_STORE
             keys.append(state.key)
             args += [state.payload, state.seconds]
-        _eval(pipe, script, keys, args)
+        script.queue(pipe, keys, args)
 
     def record(self, task_id: str, records: Sequence[Mapping[str, Any]], ttl: float) -> None:
         """Add the records of attempts that ended; keep them ``ttl`` s after this."""
@@ -378,7 +372,7 @@ class Ledger:
 
     def store_state(self, pipe: Pipeline, state: Stored) -> None:
         """Queue the write of a task's state (see ``_results.py``) on ``pipe``."""
-        _eval(pipe, _STORE, [state.key], [state.payload, state.seconds])
+        _STORE.queue(pipe, [state.key], [state.payload, state.seconds])
 
     def add_finish(
         self,
@@ -405,7 +399,7 @@ class Ledger:
             script = _STORE_AND_FINISH
             keys.append(state.key)
             args += [state.payload, state.seconds]
-        _eval(pipe, script, keys, args)
+        script.queue(pipe, keys, args)
 
     # -- the poller -------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from dispatchkit import Attempt, Call, Dispatcher, DispatchError, EndpointDisabl
 from dispatchkit_celery._config import WorkerConfig, build_dispatcher, is_redis
 from dispatchkit_celery._dead_letters import bury
 from dispatchkit_celery._guard import RedisGuard, Ride, deferrable, deferred_until
-from dispatchkit_celery._ledger import Ledger
+from dispatchkit_celery._ledger import Ledger, taken_offset
 from dispatchkit_celery._results import StateWriter, Stored, state_writer
 from dispatchkit_celery._schedule import RetrySchedule
 from dispatchkit_celery._wire import SEND_OPTIONS, TASK_NAME, CarriedError, Waiting, message_kwargs
@@ -333,7 +333,7 @@ def _settle(
                 return
             log.warning("task %s: cannot store its result (%s): again", task_id, replies[-1])
             records = []  # they went in
-    _record(replace(delivery, settles=False), process, records)
+    _write_records(delivery, process, records)
     app.backend.store_result(task_id, value, state)
     if attempt is not None:
         _finish(app, task_id, attempt, delivery.offset)
@@ -509,7 +509,11 @@ def _record(delivery: Delivery, process: _Process, records: list[dict[str, Any]]
     """
     if delivery.settles:
         delivery.records = records
-        return
+    else:
+        _write_records(delivery, process, records)
+
+
+def _write_records(delivery: Delivery, process: _Process, records: list[dict[str, Any]]) -> None:
     try:
         process.ledger.record(delivery.task_id, records, process.config.attempts_ttl)
     except redis.RedisError as exc:  # the records are worth less than the result
@@ -548,18 +552,19 @@ def _take(
     A duplicate is dropped here (``Ignore``).
     """
     task_id, ledger, ride = delivery.task_id, process.ledger, delivery.ride
+
+    def commands(pipe: Pipeline) -> None:
+        ledger.add_take(pipe, task_id, attempt, token, started)
+        if ride is not None:
+            ride.queue_admission(pipe)
+
     try:
-        if ride is None:
-            offset = ledger.take_attempt(task_id, attempt, token, started)
-        else:
-            took, admitted = ledger.batch.run(
-                lambda pipe: _queue_take(pipe, ledger, ride, task_id, attempt, token, started),
-                raise_errors=False,
-            )
-            ride.admitted(admitted)
-            if isinstance(took, Exception):
-                raise took
-            offset = None if int(took) < 0 else int(took)
+        took, *admitted = ledger.batch.run(commands, raise_errors=False)
+        if ride is not None and admitted:  # nothing queued when nothing was to be asked
+            ride.admitted(admitted[0])
+        if isinstance(took, Exception):
+            raise took
+        offset = taken_offset(took)
     except redis.RedisError as exc:
         # Without the ledger, running the attempt is the safe side (at least once).
         log.warning("task %s: cannot read the ledger (%s): attempt runs", task_id, exc)
@@ -582,19 +587,6 @@ def _encoded(delivery: Delivery, process: _Process, state: str, meta: Any) -> St
     except Exception as exc:  # the backend's own store_result will say it
         log.debug("task %s: state %s left to the backend: %s", delivery.task_id, state, exc)
         return None
-
-
-def _queue_take(
-    pipe: Pipeline,
-    ledger: Ledger,
-    ride: Ride,
-    task_id: str,
-    attempt: int,
-    token: str,
-    started: Stored | None,
-) -> None:
-    ledger.add_take(pipe, task_id, attempt, token, started)
-    ride.queue_admission(pipe)
 
 
 def _set_state(delivery: Delivery, state: str, meta: Any) -> None:
