@@ -214,30 +214,16 @@ class AsyncDispatcher:
         if self._closed:
             raise UsageError("this AsyncDispatcher is closed", request=request)
         pipeline = self._pipeline
+        attempt = self._attempt if pipeline.guard is None else self._guarded_attempt
         started = time.perf_counter()
         try:
             if transport is None:
                 transport = self._transport_for(request)
             try:
-                if pipeline.guard is None:
-                    # _attempt, inline: the first attempt costs no coroutine of its own.
-                    pipeline.begin_attempt(request)
-                    try:
-                        response = await transport.send(request)
-                    except DispatchError as exc:
-                        pipeline.attempt_failed(request, exc)
-                        raise
-                    except Exception as exc:
-                        error = plugin_failure(exc, request)
-                        pipeline.attempt_failed(request, error)
-                        raise error from exc
-                    response = pipeline.checked(request, response)
-                else:
-                    response = await self._guarded_attempt(request, transport)
+                response = await attempt(request, transport)
             except DispatchError as first:
                 if self._retrying is None:
                     raise
-                attempt = self._attempt if pipeline.guard is None else self._guarded_attempt
                 sender = transport
                 response = await self._retrying.copy()(
                     AsyncAfterFailure(first, lambda: attempt(request, sender))
@@ -250,7 +236,6 @@ class AsyncDispatcher:
         return retval
 
     async def _attempt(self, request: Request, transport: AsyncTransport) -> Response:
-        # The first attempt of an unguarded call runs the same steps inline, in _run.
         pipeline = self._pipeline
         pipeline.begin_attempt(request)
         try:
