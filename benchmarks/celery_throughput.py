@@ -92,6 +92,17 @@ LABELS = {
 }
 
 
+def unmet_prerequisite(redis_url: str) -> str | None:
+    """Why a Celery benchmark cannot run against ``redis_url``; ``None`` when it can."""
+    try:
+        from dispatchkit_celery.testing import redis_reachable
+    except ImportError:
+        return "dispatchkit-celery is not installed: pip install ./plugins/dispatchkit-celery"
+    if not redis_reachable(redis_url):
+        return f"Redis is not reachable at {redis_url}"
+    return None
+
+
 def row(variant: str, processes: int) -> str:
     """The results key of ``variant`` with ``processes`` worker processes."""
     return f"{variant}/{processes}"
@@ -390,14 +401,12 @@ def main() -> int:
         "--check", action="store_true", help="exit with status 1 when a target FAILs"
     )
     args = parser.parse_args()
-    try:
-        from dispatchkit_celery.testing import flush, redis_reachable
-    except ImportError:
-        print("dispatchkit-celery is not installed: pip install ./plugins/dispatchkit-celery")
+    missing = unmet_prerequisite(args.redis)
+    if missing is not None:
+        print(missing)
         return 2
-    if not redis_reachable(args.redis):
-        print(f"Redis is not reachable at {args.redis}")
-        return 2
+    from dispatchkit_celery.testing import flush
+
     # The worker imports benchmarks.celery_app, wherever this was started from.
     path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([path] if path else [])])

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.celery_throughput import unmet_prerequisite
 from benchmarks.checks import Check, ratio
 from benchmarks.report import checks_table
 from benchmarks.servers import target
@@ -291,14 +292,12 @@ def main() -> int:
     )
     parser.add_argument("--json", metavar="FILE", help="write the raw figures to FILE")
     args = parser.parse_args()
-    try:
-        from dispatchkit_celery.testing import flush, redis_reachable
-    except ImportError:
-        print("dispatchkit-celery is not installed: pip install ./plugins/dispatchkit-celery")
+    missing = unmet_prerequisite(args.redis)
+    if missing is not None:
+        print(missing)
         return 2
-    if not redis_reachable(args.redis):
-        print(f"Redis is not reachable at {args.redis}")
-        return 2
+    from dispatchkit_celery.testing import flush
+
     flush(args.redis)
     try:
         results: dict[str, Any] = {"calls": args.calls, "rounds": args.rounds}
