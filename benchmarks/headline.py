@@ -127,10 +127,9 @@ class Run:
         """The AsyncDispatcher's ``field`` over ``base``'s, by level, where both were measured."""
         found = {}
         for level, rows in self.levels(section).items():
-            ours = (rows.get("dk_async") or {}).get(field)
-            theirs = (rows.get(base) or {}).get(field)
-            if ours and theirs and level in checks.ASYNC_LEVELS:
-                found[level] = ours / theirs
+            value = checks.ours_over(rows, base, field) if base in rows else None
+            if value and level in checks.ASYNC_LEVELS:
+                found[level] = value
         return found
 
     @property

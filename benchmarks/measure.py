@@ -9,6 +9,9 @@ connections each client opened are exact (one thing runs at a time). This
 process's CPU time is taken with each sequential sample too: unlike wall time
 it does not include the wake-ups of a blocked thread, which on a VM cost tens
 of µs per call when a vCPU has gone idle, and add to every client alike.
+Every sample starts with a full collection (not timed): what the garbage
+collector does in a sample is then what that sample's client allocated, not
+a full collection owed by the clients measured before it.
 
 The concurrency sweeps run every concurrent client with N calls in flight
 (N threads, or N tasks on one event loop for the asyncio clients, and a pool
@@ -26,6 +29,7 @@ process inside the client's network namespace for the RTT runs
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import time
@@ -100,6 +104,7 @@ class Meter:
     cpu: float = 0.0  # this process's CPU seconds in the last piece of work
 
     def __call__(self, row: dict[str, Any], work: Callable[..., T], *args: Any) -> tuple[float, T]:
+        gc.collect()  # every sample starts with nothing left to collect from the one before
         conns, discards = self.stats.connections(), self.discards.count
         cpu, started = time.process_time(), time.perf_counter()
         result = work(*args)

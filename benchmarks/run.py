@@ -48,10 +48,10 @@ class Mode:
 
 MODES = {
     "full": Mode(
-        loopback={"rounds": 15, "sample_s": 0.1, "warmup_s": 0.3, "concurrency_rounds": 7,
+        loopback={"rounds": 15, "sample_s": 0.1, "warmup_s": 0.3, "concurrency_rounds": 9,
                   "batch": 1000, "threads": [1, 4, 16, 64, 256, 1024],
                   "async_levels": [4, 16, 64, 256, 1024], "delayed": [4, 16, 64, 256, 1024],
-                  "delayed_rounds": 5, "delayed_waves": 8, "max_batch": 4096,
+                  "delayed_rounds": 9, "delayed_waves": 8, "max_batch": 4096,
                   "sample_max_s": 2.5, "level_budget_s": 15.0, "sample_limit_s": 20.0},
         rtt={"rounds": 5, "sample_s": 0.05, "warmup_s": 0.05, "min_calls": 3,
              "concurrency_rounds": 3, "batch": 256, "threads": [4, 16, 64], "capacity": False},
