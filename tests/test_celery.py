@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -104,6 +105,35 @@ def test_get_with_a_timeout(celery_dispatcher: Dispatcher, peer: str) -> None:
     with pytest.raises(ResultTimeout):
         res.get(timeout=0.1)
     assert res.get(timeout=60) == 1500
+
+
+def test_waiting_for_results_subscribes_to_nothing(
+    celery_dispatcher: Dispatcher, peer: str, redis_url: str
+) -> None:
+    """get() reads each result from the backend: no result channel is subscribed to, not
+    even while it waits, so a caller that stops waiting leaves nothing behind to drain."""
+    import redis
+
+    def subscribed(ids: set[str]) -> set[str]:
+        found = {c.decode() for c in client.pubsub_channels("celery-task-meta-*")}
+        return {c for c in found if c.removeprefix("celery-task-meta-") in ids}
+
+    client = redis.Redis.from_url(redis_url)
+    single = [celery_dispatcher.submit(f"{peer}/multiply", x=i, y=2) for i in range(20)]
+    many = celery_dispatcher.submit_many(f"{peer}/multiply", [{"x": i, "y": 5} for i in range(30)])
+    slow = celery_dispatcher.submit(f"{peer}/slow", delay=1500)
+    with ThreadPoolExecutor(1) as waiter:
+        waiting = waiter.submit(slow.get, timeout=60)  # waits across many reads
+        seen: set[str] = set()
+        while not waiting.done():
+            seen |= subscribed({slow.id})
+            time.sleep(0.05)
+        assert waiting.result() == 1500
+    assert [r.get(timeout=60) for r in single] == [2 * i for i in range(20)]
+    assert [r.get(timeout=60) for r in many] == [5 * i for i in range(30)]
+    seen |= subscribed({r.id for r in [*single, *many]})
+    client.close()
+    assert seen == set()
 
 
 def test_connections_are_pooled_per_worker_process(

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,11 @@ from dispatchkit_celery._wire import (
     Waiting,
     message_kwargs,
 )
+
+#: CeleryResult.get() reads a call's state this long after the first read found it running,
+#: then twice as long each time, up to MAX_POLL seconds between reads.
+FIRST_POLL = 0.002
+MAX_POLL = 0.05
 
 # Celery has more states than dispatchkit; the extra ones map to the nearest.
 _STATES = {
@@ -124,11 +130,20 @@ class CeleryResult:
     def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
         """Wait for the retval; without ``timeout``, at most ``celery_get_timeout`` seconds.
 
-        A broker with no worker would otherwise make ``get()`` wait forever.
+        A broker with no worker would otherwise make ``get()`` wait forever. The
+        state is read from the backend (one read each time), every
+        :data:`FIRST_POLL` seconds at first, then twice as long each time up to
+        :data:`MAX_POLL`, as Celery itself polls backends that cannot push:
+        nothing subscribes to the result, so nothing is left to drain when the
+        caller stops waiting, and a fan-out's thousands of results cost one read
+        each once they are in.
         """
         wait = self._default_timeout if timeout is None else timeout
+        result = self._result
         try:
-            return self._result.get(timeout=wait, propagate=True, disable_sync_subtasks=False)
+            if not result.ready():
+                self._poll(wait)
+            return result.get(timeout=wait, propagate=True, disable_sync_subtasks=False)
         except celery.exceptions.TimeoutError:
             raise ResultTimeout(
                 f"task {self.id} did not finish within {wait}s; it is {self.state} on Celery"
@@ -138,6 +153,19 @@ class CeleryResult:
             if propagate:
                 raise error from None
             return error
+
+    def _poll(self, wait: float) -> None:
+        """Until the call is ready; Celery's ``TimeoutError`` after ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        pause = FIRST_POLL
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise celery.exceptions.TimeoutError(self.id)
+            time.sleep(min(pause, left))
+            if self._result.ready():
+                return
+            pause = min(pause * 2, MAX_POLL)
 
     @property
     def result(self) -> Any:
@@ -231,7 +259,7 @@ class CeleryExecutor:
             try:
                 self.app.send_task(
                     BATCH_TASK_NAME, args=[data], kwargs=message_kwargs(1, schedule),
-                    queue=self.queue,
+                    queue=self.queue, **SEND_OPTIONS,
                 )  # fmt: skip
             except BaseException:
                 if ledger is not None:
