@@ -115,10 +115,10 @@ def test_waiting_for_results_subscribes_to_nothing(
     import redis
 
     def subscribed(ids: set[str]) -> set[str]:
-        found = {c.decode() for c in client.pubsub_channels("celery-task-meta-*")}
+        found = {str(c) for c in client.pubsub_channels("celery-task-meta-*")}
         return {c for c in found if c.removeprefix("celery-task-meta-") in ids}
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     single = [celery_dispatcher.submit(f"{peer}/multiply", x=i, y=2) for i in range(20)]
     many = celery_dispatcher.submit_many(f"{peer}/multiply", [{"x": i, "y": 5} for i in range(30)])
     slow = celery_dispatcher.submit(f"{peer}/slow", delay=1500)

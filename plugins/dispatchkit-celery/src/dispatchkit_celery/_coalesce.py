@@ -54,6 +54,28 @@ class Script:
 _SCRIPTS: list[Script] = []
 
 
+class _Gate:
+    """Opened once by one thread, waited for by another: an ``Event`` without its
+    ``Condition`` (a lock allocated on every wait, a notify on every set), which cost
+    a call of a chunk more than the rest of its hand-offs."""
+
+    __slots__ = ("_lock", "_open")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # closed: wait() blocks until open()
+        self._open = False
+
+    def open(self) -> None:
+        if not self._open:  # a turn is opened at most twice, by threads one after another
+            self._open = True
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the gate opened within ``timeout`` seconds."""
+        return self._open or self._lock.acquire(timeout=timeout)
+
+
 class _Turn:
     """One thread's commands, waiting for a pipeline to carry them."""
 
@@ -61,7 +83,7 @@ class _Turn:
 
     def __init__(self, commands: Commands) -> None:
         self.commands = commands
-        self.done = threading.Event()
+        self.done = _Gate()
         self.lead = False  # set (with done) when this thread is to send the next pipeline
         self.replies: list[Any] = []
         self.error: BaseException | None = None
@@ -134,7 +156,7 @@ class Coalescer:
                 if self._queued:
                     following = self._queued[0]
                     following.lead = True
-                    following.done.set()
+                    following.done.open()
                 else:
                     self._sending = False
 
@@ -145,7 +167,7 @@ class Coalescer:
         except BaseException as exc:  # the round trip failed: every turn waiting did
             for turn in turns:
                 turn.error = exc
-                turn.done.set()
+                turn.done.open()
             return
         with self.client.pipeline(transaction=False) as pipe:
             for turn in turns:
@@ -169,7 +191,7 @@ class Coalescer:
             if turn.error is None:
                 turn.replies = replies[start:end]
         for turn in turns:
-            turn.done.set()
+            turn.done.open()
 
     def _load_scripts(self) -> None:
         if self._loaded == len(_SCRIPTS):

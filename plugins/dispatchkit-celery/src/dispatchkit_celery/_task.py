@@ -250,10 +250,14 @@ def http_dispatch_batch(
     """
     process = worker_process(task.app)
     hostname, queue, started = task.request.hostname, _queue(task), time.monotonic()
+    retries: Any = schedule  # read once for the chunk; unreadable, each call says so
+    if schedule is not None:
+        with contextlib.suppress(DispatchError):
+            retries = RetrySchedule.from_dict(schedule)
 
     def one(call: dict[str, Any]) -> bool:
-        return _run_in_batch(task.app, process, call, attempt, schedule, token, hostname, queue,
-                             started)  # fmt: skip
+        return _run_in_batch(task.app, process, call, attempt, schedule, retries, token,
+                             hostname, queue, started)  # fmt: skip
 
     handed_back = sum(process.threads.map(one, calls))
     if handed_back:
@@ -266,12 +270,16 @@ def _run_in_batch(
     call: dict[str, Any],
     attempt: int,
     schedule: Any,
+    retries: Any,
     token: str,
     hostname: str | None,
     queue: str,
     started: float,
 ) -> bool:
-    """One call of a chunk, as its own message would run it; ``True``: hand the chunk back."""
+    """One call of a chunk, as its own message would run it; ``True``: hand the chunk back.
+
+    ``schedule`` is the message's, ``retries`` the same read (or, unreadable, as it came).
+    """
     task_id = str(call.get("task_id") or "")
     if not task_id:  # the executor gives every call its id: not a message of ours
         log.error("a chunk's call without a task id: dropped")
@@ -290,7 +298,7 @@ def _run_in_batch(
     delivery = Delivery(app, task_id, hostname, queue, settles=True)
     with process.ride(call) as delivery.ride:
         try:
-            retval = dispatch_call(delivery, call, attempt, schedule, token)
+            retval = dispatch_call(delivery, call, attempt, retries, token)
         except Ignore:  # it waits in the ledger, or it was a duplicate
             return False
         except Reject:  # the ledger could not record it
@@ -378,6 +386,8 @@ def dispatch_call(
 ) -> Any:
     """The per-call path: make attempt ``attempt`` of ``call`` and return its retval.
 
+    ``schedule`` is the message's retry schedule, as it came or already read.
+
     A final failure raises :class:`CarriedError`; a call that waits in the ledger
     for its next attempt, and a duplicate, raise ``Ignore``; a wait the ledger
     could not record raises ``Reject`` (the message is handed back).
@@ -386,7 +396,9 @@ def dispatch_call(
     process = worker_process(delivery.app)
     try:
         spec = Call.from_dict({**call, "task_id": call.get("task_id") or task_id})
-        retries = None if schedule is None else RetrySchedule.from_dict(schedule)
+        retries: RetrySchedule | None = schedule
+        if schedule is not None and not isinstance(schedule, RetrySchedule):
+            retries = RetrySchedule.from_dict(schedule)
         process.config.check_deadline(spec.timeout)
     except DispatchError as exc:
         raise _carried(exc) from None
