@@ -77,21 +77,30 @@ class _Process:
         self._writer: tuple[StateWriter | None] | None = None
         self._lock = threading.Lock()
 
+    # Each is built once, under the lock; read without it after that (a chunk's threads
+    # read them several times a call, and a contended lock is a thread switch).
+
     @property
     def dispatcher(self) -> Dispatcher:
-        with self._lock:
-            if self._dispatcher is None:
-                self._dispatcher = build_dispatcher(self.config)
-            return self._dispatcher
+        found = self._dispatcher
+        if found is None:
+            with self._lock:
+                if self._dispatcher is None:
+                    self._dispatcher = build_dispatcher(self.config)
+                found = self._dispatcher
+        return found
 
     @property
     def ledger(self) -> Ledger:
-        with self._lock:
-            if self._ledger is None:
-                url = self.config.ledger_url
-                assert url is not None  # WorkerConfig refuses a worker without one
-                self._ledger = Ledger(url)
-            return self._ledger
+        found = self._ledger
+        if found is None:
+            with self._lock:
+                if self._ledger is None:
+                    url = self.config.ledger_url
+                    assert url is not None  # WorkerConfig refuses a worker without one
+                    self._ledger = Ledger(url)
+                found = self._ledger
+        return found
 
     @property
     def guard(self) -> RedisGuard | None:
@@ -124,12 +133,15 @@ class _Process:
     @property
     def threads(self) -> ThreadPoolExecutor:
         """The threads that run a chunk's calls: as many as the Dispatcher's pool of connections."""
-        with self._lock:
-            if self._threads is None:
-                self._threads = ThreadPoolExecutor(
-                    self.config.core.pool_maxsize, thread_name_prefix="dispatchkit-batch"
-                )
-            return self._threads
+        found = self._threads
+        if found is None:
+            with self._lock:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(
+                        self.config.core.pool_maxsize, thread_name_prefix="dispatchkit-batch"
+                    )
+                found = self._threads
+        return found
 
 
 _process: _Process | None = None
@@ -139,6 +151,9 @@ _process_lock = threading.Lock()
 def worker_process(app: celery.Celery) -> _Process:
     """The resources of this process; a forked pool process builds its own."""
     global _process
+    found = _process
+    if found is not None and found.pid == os.getpid():
+        return found
     with _process_lock:
         if _process is None or _process.pid != os.getpid():
             _process = _Process(app.conf.broker_url)
