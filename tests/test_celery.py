@@ -136,6 +136,26 @@ def test_waiting_for_results_subscribes_to_nothing(
     assert seen == set()
 
 
+def test_get_returns_what_celerys_own_get_returns(celery_dispatcher: Dispatcher, peer: str) -> None:
+    """get() takes a success's retval from its own read of the backend: the same value
+    Celery's AsyncResult.get() gives, for every JSON shape; a failure goes through Celery's."""
+    shapes: list[dict[str, Any]] = [
+        {"x": 6, "y": 7},
+        {"a": ["1", "2"], "nested": "é ü"},
+    ]
+    results = [celery_dispatcher.apply_async(f"{peer}/echo", "POST", kw) for kw in shapes]
+    results.append(celery_dispatcher.submit(f"{peer}/multiply", x=3, y=3))
+    results += celery_dispatcher.submit_many(f"{peer}/echo", shapes)
+    for r in results:
+        ours = r.get(timeout=60)
+        theirs = r.celery_result.get(timeout=60, disable_sync_subtasks=False)
+        assert ours == theirs
+        assert type(ours) is type(theirs)
+    failed = celery_dispatcher.submit(f"{peer}/status/404")
+    with pytest.raises(HTTPStatusError):
+        failed.get(timeout=60)
+
+
 def test_connections_are_pooled_per_worker_process(
     celery_dispatcher: Dispatcher, peer: str, worker: Worker
 ) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import celery.exceptions
 import redis
 from celery import Celery
+from celery import states as celery_states
 from celery.result import AsyncResult as CeleryAsyncResult
 
 from dispatchkit import Attempt, Call, DispatchError, ResultTimeout, UsageError, states
@@ -131,19 +132,20 @@ class CeleryResult:
         """Wait for the retval; without ``timeout``, at most ``celery_get_timeout`` seconds.
 
         A broker with no worker would otherwise make ``get()`` wait forever. The
-        state is read from the backend (one read each time), every
-        :data:`FIRST_POLL` seconds at first, then twice as long each time up to
-        :data:`MAX_POLL`, as Celery itself polls backends that cannot push:
-        nothing subscribes to the result, so nothing is left to drain when the
-        caller stops waiting, and a fan-out's thousands of results cost one read
-        each once they are in.
+        state is read from the backend (``get_task_meta``, one read each time),
+        every :data:`FIRST_POLL` seconds at first, then twice as long each time
+        up to :data:`MAX_POLL`, as Celery itself polls backends that cannot
+        push: nothing subscribes to the result, so nothing is left to drain when
+        the caller stops waiting, and a fan-out's thousands of results cost one
+        read each once they are in. A success's retval is the read's; any other
+        end goes through Celery's ``AsyncResult.get`` for its error.
         """
         wait = self._default_timeout if timeout is None else timeout
-        result = self._result
         try:
-            if not result.ready():
-                self._poll(wait)
-            return result.get(timeout=wait, propagate=True, disable_sync_subtasks=False)
+            meta = self._wait(wait)
+            if meta.get("status") == celery_states.SUCCESS:
+                return meta.get("result")
+            return self._result.get(timeout=wait, propagate=True, disable_sync_subtasks=False)
         except celery.exceptions.TimeoutError:
             raise ResultTimeout(
                 f"task {self.id} did not finish within {wait}s; it is {self.state} on Celery"
@@ -154,17 +156,19 @@ class CeleryResult:
                 raise error from None
             return error
 
-    def _poll(self, wait: float) -> None:
-        """Until the call is ready; Celery's ``TimeoutError`` after ``wait`` seconds."""
+    def _wait(self, wait: float) -> dict[str, Any]:
+        """The call's meta once it is ready; Celery's ``TimeoutError`` after ``wait`` seconds."""
+        backend = self._result.backend
         deadline = time.monotonic() + wait
         pause = FIRST_POLL
         while True:
+            meta: dict[str, Any] = backend.get_task_meta(self.id)
+            if meta.get("status") in backend.READY_STATES:
+                return meta
             left = deadline - time.monotonic()
             if left <= 0:
                 raise celery.exceptions.TimeoutError(self.id)
             time.sleep(min(pause, left))
-            if self._result.ready():
-                return
             pause = min(pause * 2, MAX_POLL)
 
     @property
