@@ -143,7 +143,9 @@ def test_get_returns_what_celerys_own_get_returns(celery_dispatcher: Dispatcher,
         {"x": 6, "y": 7},
         {"a": ["1", "2"], "nested": "é ü"},
     ]
-    results = [celery_dispatcher.apply_async(f"{peer}/echo", "POST", kw) for kw in shapes]
+    results: list[Any] = [
+        celery_dispatcher.apply_async(f"{peer}/echo", "POST", kw) for kw in shapes
+    ]
     results.append(celery_dispatcher.submit(f"{peer}/multiply", x=3, y=3))
     results += celery_dispatcher.submit_many(f"{peer}/echo", shapes)
     for r in results:

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from dispatchkit_celery._guard import RedisGuard
+from dispatchkit_celery._guard import RedisGuard, queue_reports
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery.testing import REDIS_URL
 
@@ -65,7 +65,8 @@ def ahead(ledger: Ledger, ride: Any) -> None:
 
 def carry_reports(ledger: Ledger, ride: Any) -> None:
     """What the worker does at its end: the reports in the ledger's pipeline."""
-    ledger.batch.run(ride.queue_reports)
+    reports = ride.take_reports()
+    ledger.batch.run(lambda pipe: queue_reports(pipe, reports))
 
 
 class Counting:

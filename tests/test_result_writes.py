@@ -273,6 +273,20 @@ class CountingClient(redis.Redis):
         return super().pipeline(transaction, shard_hint)
 
 
+def set_and_get(pipe: Any, key: str, field: str, n: int) -> None:
+    pipe.hset(key, field, n)
+    pipe.hget(key, field)
+
+
+def together(target: Any, threads: int) -> None:
+    """``target(n)`` for n in range(threads), each on a thread of its own; all joined."""
+    workers = [threading.Thread(target=target, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(20)
+
+
 def test_concurrent_threads_share_round_trips_and_get_their_own_replies(url: str) -> None:
     client = CountingClient.from_url(url)
     coalescer = Coalescer(client)
@@ -283,18 +297,11 @@ def test_concurrent_threads_share_round_trips_and_get_their_own_replies(url: str
     def one(n: int) -> None:
         barrier.wait(10)
         for round_ in range(5):
-            replies[n * 10 + round_] = coalescer.run(partial(both, field=f"{n}:{round_}", n=n))
-
-    def both(pipe: Any, field: str, n: int) -> None:
-        pipe.hset(key, field, n)
-        pipe.hget(key, field)
+            commands = partial(set_and_get, key=key, field=f"{n}:{round_}", n=n)
+            replies[n * 10 + round_] = coalescer.run(commands)
 
     CountingClient.sent = 0
-    workers = [threading.Thread(target=one, args=(n,)) for n in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(20)
+    together(one, threads)
     try:
         assert len(replies) == threads * 5
         for slot, reply in replies.items():
@@ -302,6 +309,49 @@ def test_concurrent_threads_share_round_trips_and_get_their_own_replies(url: str
         assert CountingClient.sent < threads * 5  # shared, or there was never a crowd
     finally:
         client.delete(key)
+        client.close()
+
+
+def test_posted_commands_are_all_carried_with_their_own_replies(url: str) -> None:
+    """Threads that post (no wait) and threads that run (wait) at once: every posted turn
+    is carried even when no thread waits to be handed the lead, in order per thread,
+    each with its own replies or its own error."""
+    client = CountingClient.from_url(url)
+    coalescer = Coalescer(client)
+    key, text_key = f"test:coalesce:p:{uuid.uuid4().hex}", f"test:coalesce:t:{uuid.uuid4()}"
+    client.set(text_key, "x")
+    threads, rounds, barrier = 30, 8, threading.Barrier(30)
+    posted: dict[tuple[int, int], Any] = {}
+    waited: dict[tuple[int, int], list[Any]] = {}
+
+    def one(n: int) -> None:
+        barrier.wait(10)
+        for round_ in range(rounds):
+            field = f"{n}:{round_}"
+            if n % 3 == 0:  # a third of the threads wait for their replies
+                waited[n, round_] = coalescer.run(partial(set_and_get, key=key, field=field, n=n))
+            elif n % 3 == 1:
+                posted[n, round_] = coalescer.post(partial(set_and_get, key=key, field=field, n=n))
+            else:  # and these post commands that fail in Redis
+                posted[n, round_] = coalescer.post(lambda pipe: pipe.hset(text_key, "f", 1))
+
+    CountingClient.sent = 0
+    together(one, threads)
+    try:
+        assert len(waited) + len(posted) == threads * rounds
+        for (n, _), reply in waited.items():
+            assert reply == [1, str(n).encode()]
+        for (n, _), turn in posted.items():
+            if n % 3 == 1:
+                assert coalescer.replies(turn) == [1, str(n).encode()]
+            else:
+                with pytest.raises(redis.ResponseError):
+                    coalescer.replies(turn)
+                assert isinstance(coalescer.replies(turn, raise_errors=False)[0], Exception)
+        assert client.hlen(key) == (threads // 3) * 2 * rounds  # every one went in, once
+        assert CountingClient.sent < threads * rounds
+    finally:
+        client.delete(key, text_key)
         client.close()
 
 

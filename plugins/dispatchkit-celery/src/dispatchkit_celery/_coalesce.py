@@ -9,6 +9,12 @@ next of them sends everything that queued up. One thread alone (a message
 with one call) still makes exactly one round trip per write, and waits for
 nobody.
 
+A thread that needs no reply yet (a call of a chunk storing its end) posts
+its commands instead (:meth:`Coalescer.post`) and goes on; the thread sending
+carries them, and the outcome is read later (:meth:`Coalescer.replies`). Only
+a thread waiting for its replies is handed the lead; a sender that finds only
+posted commands queued sends them itself.
+
 Each thread gets back the replies of its own commands only, or the error of
 its own commands: the pipeline is not a transaction, the commands run in the
 order they were queued, and a script's error fails only the thread that
@@ -76,13 +82,19 @@ class _Gate:
         return self._open or self._lock.acquire(timeout=timeout)
 
 
-class _Turn:
-    """One thread's commands, waiting for a pipeline to carry them."""
+class Turn:
+    """One thread's commands, waiting for a pipeline to carry them.
 
-    __slots__ = ("commands", "done", "error", "lead", "replies")
+    ``waits``: a thread waits for the replies (:meth:`Coalescer.run`), and may be
+    handed the lead; else they were posted (:meth:`Coalescer.post`), and are read
+    later with :meth:`Coalescer.replies`.
+    """
 
-    def __init__(self, commands: Commands) -> None:
+    __slots__ = ("commands", "done", "error", "lead", "replies", "waits")
+
+    def __init__(self, commands: Commands, waits: bool) -> None:
         self.commands = commands
+        self.waits = waits
         self.done = _Gate()
         self.lead = False  # set (with done) when this thread is to send the next pipeline
         self.replies: list[Any] = []
@@ -101,7 +113,7 @@ class Coalescer:
         self.client = client
         self.patience = patience
         self._lock = threading.Lock()
-        self._queued: list[_Turn] = []
+        self._queued: list[Turn] = []
         self._sending = False
         self._loaded = 0  # how many of _SCRIPTS Redis has, as far as this coalescer knows
 
@@ -112,15 +124,41 @@ class Coalescer:
         command alone would raise it); with ``raise_errors=False`` a failed
         command's reply is its error. A failed round trip raises in any case.
         """
-        turn = _Turn(commands)
+        turn = Turn(commands, waits=True)
+        if not self._queue(turn):
+            lead = self._wait(turn)
+            if lead:
+                self._send()
+        return self._outcome(turn, raise_errors)
+
+    def post(self, commands: Commands) -> Turn:
+        """Queue ``commands`` for the next pipeline without waiting for its replies.
+
+        When no other thread is sending, this one sends now (and waits for that
+        round trip); else the sending thread carries them. :meth:`replies` reads
+        their outcome later.
+        """
+        turn = Turn(commands, waits=False)
+        self._queue(turn)
+        return turn
+
+    def replies(self, turn: Turn, *, raise_errors: bool = True) -> list[Any]:
+        """The replies of a posted ``turn``, as :meth:`run` gives them (waiting if need be)."""
+        self._wait(turn)  # never handed the lead: only a thread in run() is
+        return self._outcome(turn, raise_errors)
+
+    def _queue(self, turn: Turn) -> bool:
+        """Queue ``turn``; ``True``: this thread was to send, and has sent it."""
         with self._lock:
             self._queued.append(turn)
             lead = not self._sending
             self._sending = True
-        if not lead:
-            lead = self._wait(turn)
         if lead:
             self._send()
+        return lead
+
+    @staticmethod
+    def _outcome(turn: Turn, raise_errors: bool) -> list[Any]:
         if turn.error is not None:
             raise turn.error
         for reply in turn.replies if raise_errors else ():
@@ -128,7 +166,7 @@ class Coalescer:
                 raise reply
         return turn.replies
 
-    def _wait(self, turn: _Turn) -> bool:
+    def _wait(self, turn: Turn) -> bool:
         """Wait until another thread's pipeline carried ``turn``; ``True``: lead instead."""
         if turn.done.wait(self.patience):
             return turn.lead
@@ -146,22 +184,39 @@ class Coalescer:
         return False
 
     def _send(self) -> None:
-        """Send what is queued (this thread's turn among it), then hand the lead on."""
-        with self._lock:
-            turns, self._queued = self._queued, []
-        try:
-            self._carry(turns)
-        finally:
+        """Send what is queued (this thread's turn among it), then hand the lead on to a
+        thread waiting for its replies; when only posted commands queued up meanwhile,
+        send them too."""
+        while True:
             with self._lock:
-                if self._queued:
-                    following = self._queued[0]
-                    following.lead = True
-                    following.done.open()
-                else:
-                    self._sending = False
+                turns, self._queued = self._queued, []
+            failed = True
+            try:
+                self._carry(turns)
+                failed = False
+            finally:
+                done = self._hand_on(failed)
+            if done:
+                return
 
-    def _carry(self, turns: list[_Turn]) -> None:
-        spans: list[tuple[_Turn, int, int]] = []
+    def _hand_on(self, failed: bool) -> bool:
+        """After a pipeline: ``True`` when this thread is done sending."""
+        with self._lock:
+            if not self._queued:
+                self._sending = False
+                return True
+            following = next((turn for turn in self._queued if turn.waits), None)
+            if following is not None:
+                following.lead = True
+                following.done.open()
+                return True
+            if failed:  # unexpected: whoever queues next sends what is left
+                self._sending = False
+                return True
+            return False
+
+    def _carry(self, turns: list[Turn]) -> None:
+        spans: list[tuple[Turn, int, int]] = []
         try:
             self._load_scripts()
         except BaseException as exc:  # the round trip failed: every turn waiting did

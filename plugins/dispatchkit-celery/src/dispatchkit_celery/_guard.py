@@ -273,6 +273,16 @@ class _Ahead:
     reply: list[Any] | None = None
 
 
+#: Reports of attempts' verdicts, each the keys and arguments of one _REPORT.
+Reports = list[tuple[list[str], list[str | float]]]
+
+
+def queue_reports(pipe: Pipeline, reports: Reports) -> None:
+    """Queue ``reports`` (a :class:`Ride`'s) on ``pipe``."""
+    for keys, args in reports:
+        _REPORT.queue(pipe, keys, args)
+
+
 class Ride:
     """A call whose guard round trips ride on the worker's writes (:meth:`RedisGuard.ride`)."""
 
@@ -281,7 +291,7 @@ class Ride:
     def __init__(self, guard: RedisGuard, ahead: _Ahead) -> None:
         self.guard = guard
         self.ahead: _Ahead | None = ahead
-        self.reports: list[tuple[list[str], list[str | float]]] = []
+        self.reports: Reports = []
 
     def queue_admission(self, pipe: Pipeline) -> None:
         """Queue the call's admission on ``pipe``; hand its reply to :meth:`admitted`."""
@@ -299,10 +309,10 @@ class Ride:
             else:
                 self.ahead.reply = list(reply)
 
-    def queue_reports(self, pipe: Pipeline) -> None:
-        """Queue the reports kept so far on ``pipe``: carried from then on."""
+    def take_reports(self) -> Reports:
+        """The reports kept so far, for the worker to carry (:func:`queue_reports`)."""
         reports, self.reports = self.reports, []
-        self.guard.queue_reports(pipe, reports)
+        return reports
 
     def flush(self) -> None:
         """Send the reports kept so far now, on the guard's own round trip."""
@@ -446,9 +456,9 @@ class RedisGuard:
             return
         self._send_reports([(self.keys(origin), args)])
 
-    def _send_reports(self, reports: list[tuple[list[str], list[str | float]]]) -> None:
+    def _send_reports(self, reports: Reports) -> None:
         try:
-            self.batch.run(lambda pipe: self.queue_reports(pipe, reports))
+            self.batch.run(lambda pipe: queue_reports(pipe, reports))
         except redis.RedisError as exc:  # the lease ends by itself; the verdict is lost
             log.warning("the endpoint guard's Redis did not take a report: %s", exc)
 
@@ -459,7 +469,7 @@ class RedisGuard:
         """Within this block (a worker's call to ``url``), the guard's round trips may ride
         along with the worker's own writes to the same Redis: the call's admission asked
         ahead (:meth:`Ride.queue_admission`, then :meth:`Ride.admitted` with its reply),
-        its report kept for the worker's next pipeline (:meth:`Ride.queue_reports`).
+        its report kept for the worker's next pipeline (:meth:`Ride.take_reports`).
         Whatever was not carried when the block ends is sent by the guard itself.
         """
         origin, endpoint = endpoint_key(url)
@@ -473,12 +483,6 @@ class RedisGuard:
                 self._drop(ride.ahead)
             if ride.reports:
                 self._send_reports(ride.reports)
-
-    def queue_reports(
-        self, pipe: Pipeline, reports: list[tuple[list[str], list[str | float]]]
-    ) -> None:
-        for keys, args in reports:
-            _REPORT.queue(pipe, keys, args)
 
     def _drop(self, ahead: _Ahead) -> None:
         """Give back the slot (and the probe) of an admission asked ahead and not used."""

@@ -48,9 +48,17 @@ from celery.exceptions import Ignore, Reject
 from redis.client import Pipeline
 
 from dispatchkit import Attempt, Call, Dispatcher, DispatchError, EndpointDisabledError
+from dispatchkit_celery._coalesce import Turn
 from dispatchkit_celery._config import WorkerConfig, build_dispatcher, is_redis
 from dispatchkit_celery._dead_letters import bury
-from dispatchkit_celery._guard import RedisGuard, Ride, deferrable, deferred_until
+from dispatchkit_celery._guard import (
+    RedisGuard,
+    Reports,
+    Ride,
+    deferrable,
+    deferred_until,
+    queue_reports,
+)
 from dispatchkit_celery._ledger import Ledger, taken_offset
 from dispatchkit_celery._results import StateWriter, Stored, state_writer
 from dispatchkit_celery._schedule import RetrySchedule
@@ -270,11 +278,21 @@ def http_dispatch_batch(
         with contextlib.suppress(DispatchError):
             retries = RetrySchedule.from_dict(schedule)
 
-    def one(call: dict[str, Any]) -> bool:
+    def one(call: dict[str, Any]) -> bool | Ending:
         return _run_in_batch(task.app, process, call, attempt, schedule, retries, token,
                              hostname, queue, started)  # fmt: skip
 
-    handed_back = sum(process.threads.map(one, calls))
+    handed_back = 0
+    for outcome in list(process.threads.map(one, calls)):
+        if isinstance(outcome, Ending):  # its end was posted: did it go in?
+            try:
+                _settled(outcome, process)
+            except Exception as exc:
+                log.error("task %s: cannot store its result (%s): chunk handed back",
+                          outcome.delivery.task_id, exc)  # fmt: skip
+                handed_back += 1
+        else:
+            handed_back += outcome
     if handed_back:
         raise Reject(f"{handed_back} call(s) of the chunk could not be recorded", requeue=True)
 
@@ -290,8 +308,9 @@ def _run_in_batch(
     hostname: str | None,
     queue: str,
     started: float,
-) -> bool:
-    """One call of a chunk, as its own message would run it; ``True``: hand the chunk back.
+) -> bool | Ending:
+    """One call of a chunk, as its own message would run it; ``True``: hand the chunk back,
+    an :class:`Ending`: the call's end, posted (the chunk checks it).
 
     ``schedule`` is the message's, ``retries`` the same read (or, unreadable, as it came).
     """
@@ -323,43 +342,95 @@ def _run_in_batch(
         else:
             state, value = "SUCCESS", retval
         try:
-            _settle(delivery, process, state, value, attempt if schedule is not None else None)
+            return _post_end(
+                delivery, process, state, value, attempt if schedule is not None else None
+            )
         except Exception as exc:
             log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
             return True
-        return False
+
+
+@dataclass(slots=True)
+class Ending:
+    """A call's end on its way to Redis (:func:`_post_end`); :func:`_settled` checks it."""
+
+    delivery: Delivery
+    state: str
+    value: Any
+    attempt: int | None
+    turn: Turn | None  # None: stored already, by the backend's store_result
 
 
 def _settle(
     delivery: Delivery, process: _Process, state: str, value: Any, attempt: int | None
 ) -> None:
-    """A chunk's call ended: its records, then its result, then (``attempt``: with a
-    schedule) its ``done`` in the ledger; one script with the writes of the moment.
+    """A call ended: its records, then its result, then (``attempt``: with a schedule)
+    its ``done`` in the ledger; one script with the writes of the moment.
 
-    Raises when the result could not be stored (the chunk is handed back).
+    Raises when the result could not be stored.
     """
-    app, task_id, records = delivery.app, delivery.task_id, delivery.records or []
-    writer, ledger, config = process.writer(app), process.ledger, process.config
-    if writer is not None:
-        stored = writer.encoded(task_id, value, state)
-        try:
-            replies = ledger.batch.run(
-                lambda pipe: _queue_end(pipe, ledger, delivery, stored, attempt, config),
-                raise_errors=False,
-            )
-        except redis.RedisError as exc:
-            log.warning("task %s: cannot write its end in one go (%s): one by one", task_id, exc)
-        else:
-            if records and any(isinstance(reply, Exception) for reply in replies[:-1]):
-                log.warning("task %s: cannot record its attempt in the ledger", task_id)
-            if not isinstance(replies[-1], Exception):
-                return
-            log.warning("task %s: cannot store its result (%s): again", task_id, replies[-1])
-            records = []  # they went in
+    _settled(_post_end(delivery, process, state, value, attempt), process)
+
+
+def _post_end(
+    delivery: Delivery, process: _Process, state: str, value: Any, attempt: int | None
+) -> Ending:
+    """Post the call's end on the ledger's next pipeline, without waiting for it.
+
+    A chunk's call goes on to the next call meanwhile; the chunk checks every end
+    (:func:`_settled`) before its message is acknowledged. The guard's reports kept
+    so far go with it (taken now: the ride may end before the pipeline is sent).
+    """
+    writer, ledger, config = process.writer(delivery.app), process.ledger, process.config
+    if writer is None:  # only the backend can store it: now, one write at a time
+        _one_by_one(delivery, process, delivery.records or [], state, value, attempt)
+        return Ending(delivery, state, value, attempt, None)
+    stored = writer.encoded(delivery.task_id, value, state)
+    ride = delivery.ride
+    reports = [] if ride is None else ride.take_reports()
+    turn = ledger.batch.post(
+        lambda pipe: _queue_end(pipe, ledger, delivery, stored, attempt, config, reports)
+    )
+    return Ending(delivery, state, value, attempt, turn)
+
+
+def _settled(ending: Ending, process: _Process) -> None:
+    """Check a posted end; what did not go in goes now, one write at a time.
+
+    Raises when the result could not be stored (the message is handed back).
+    """
+    if ending.turn is None:  # stored already
+        return
+    delivery = ending.delivery
+    task_id, records = delivery.task_id, delivery.records or []
+    try:
+        replies = process.ledger.batch.replies(ending.turn, raise_errors=False)
+    except redis.RedisError as exc:
+        log.warning("task %s: cannot write its end in one go (%s): one by one", task_id, exc)
+    else:
+        if records and any(isinstance(reply, Exception) for reply in replies[:-1]):
+            log.warning("task %s: cannot record its attempt in the ledger", task_id)
+        if not isinstance(replies[-1], Exception):
+            return
+        log.warning("task %s: cannot store its result (%s): again", task_id, replies[-1])
+        records = []  # they went in
+    _one_by_one(delivery, process, records, ending.state, ending.value, ending.attempt)
+
+
+def _one_by_one(
+    delivery: Delivery,
+    process: _Process,
+    records: list[dict[str, Any]],
+    state: str,
+    value: Any,
+    attempt: int | None,
+) -> None:
+    """The call's end without the ledger's scripts: records, result, ``done``."""
+    app = delivery.app
     _write_records(delivery, process, records)
-    app.backend.store_result(task_id, value, state)
+    app.backend.store_result(delivery.task_id, value, state)
     if attempt is not None:
-        _finish(app, task_id, attempt, delivery.offset)
+        _finish(app, delivery.task_id, attempt, delivery.offset)
 
 
 def _queue_end(
@@ -369,10 +440,11 @@ def _queue_end(
     stored: Stored,
     attempt: int | None,
     config: WorkerConfig,
+    reports: Reports,
 ) -> None:
     task_id = delivery.task_id
-    if delivery.ride is not None:
-        delivery.ride.queue_reports(pipe)
+    if reports:
+        queue_reports(pipe, reports)
     ledger.add_records(pipe, task_id, delivery.records or [], config.attempts_ttl)
     if attempt is None:
         ledger.store_state(pipe, stored)
