@@ -19,6 +19,9 @@ rounds, and every target a ratio of two medians of this run:
     which polls the backend), so that the rows differ only in the task;
   - a **no-op task, ``ignore_result``**: nothing stored; each counts itself in
     Redis, and the last one signals the caller;
+  - a **hand-written task making the same HTTP call** (urllib3 + orjson, its
+    result stored), waited for the same way: what the call costs on Celery
+    without dispatchkit (no ledger, no retry schedule, no guard);
   - **dispatchkit**: ``Dispatcher(executor="celery").submit()`` then ``get()``
     of every result, with the default durable retry schedule (the ledger);
 
@@ -85,11 +88,12 @@ FANOUT_CALLS = 10_000
 FANOUT_PROCESSES = 2
 
 #: The rows measured in each worker, in the order of round 1 (later rounds turn it).
-VARIANTS = ("noop", "noop_ignored", "dispatchkit")
+VARIANTS = ("noop", "noop_ignored", "http_task", "dispatchkit")
 LABELS = {
     "threads": "threads (pool 4), local",
     "noop": "no-op task, result stored",
     "noop_ignored": "no-op task, ignore_result",
+    "http_task": "hand-written task: urllib3 GET",
     "dispatchkit": "dispatchkit submit + get",
 }
 
@@ -171,28 +175,33 @@ class Bench:
         self.client.close()
 
     def rate(self, variant: str, calls: int) -> float:
+        from benchmarks.celery_app import HTTP_CALL, NOOP
+
         if variant == "dispatchkit":
             return _rate(self.dispatcher, self.url, calls)
         if variant == "noop":
-            return self.noop(calls)
+            return self.task(calls, NOOP)
+        if variant == "http_task":
+            return self.task(calls, HTTP_CALL, self.url)
         return self.noop_ignored(calls)
 
-    def noop(self, calls: int) -> float:
-        """The no-op task's calls/s, its results waited for by the code that waits for
-        dispatchkit's (``CeleryResult.get``): the rows differ in the task, not the caller."""
+    def task(self, calls: int, name: str, *first: Any) -> float:
+        """Calls/s of the benchmark's task ``name`` (``first`` + ``[i, 2]`` its arguments),
+        its results waited for by the code that waits for dispatchkit's
+        (``CeleryResult.get``): the rows differ in the task, not the caller."""
         from dispatchkit_celery._executor import CeleryResult
-
-        from benchmarks.celery_app import NOOP
 
         started = time.perf_counter()
         results = [
-            CeleryResult(self.caller.send_task(NOOP, args=[i, 2], queue=self.queue), PATIENCE)
+            CeleryResult(
+                self.caller.send_task(name, args=[*first, i, 2], queue=self.queue), PATIENCE
+            )
             for i in range(calls)
         ]
         values = [r.get() for r in results]
         elapsed = time.perf_counter() - started
         if values != [100] * calls:
-            raise SystemExit(f"wrong no-op results: {values[:3]}...")
+            raise SystemExit(f"wrong results of {name}: {values[:3]}...")
         return calls / elapsed
 
     def noop_ignored(self, calls: int) -> float:
@@ -282,6 +291,17 @@ def evaluate(results: dict[str, Any]) -> list[Check]:
             ratio(medians.get(row("dispatchkit", n)), medians.get(row("noop", n))),
             ">=",
             NOOP_TARGET,
+        )
+        for n in WORKER_COUNTS
+    ]
+    checks += [
+        Check(
+            f"celery, {_processes(n)}: dispatchkit submit + get >= {NOOP_TARGET:.2f} x "
+            "a hand-written task making the same HTTP call (reported)",
+            ratio(medians.get(row("dispatchkit", n)), medians.get(row("http_task", n))),
+            ">=",
+            NOOP_TARGET,
+            stretch=True,
         )
         for n in WORKER_COUNTS
     ]
