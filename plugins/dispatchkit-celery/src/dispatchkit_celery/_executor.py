@@ -145,6 +145,9 @@ class CeleryResult:
             meta = self._wait(wait)
             if meta.get("status") == celery_states.SUCCESS:
                 return meta.get("result")
+            # ready() reads the ended state into Celery's handle, whose get() then raises
+            # its error from there, without subscribing to the result's channel.
+            self._result.ready()
             return self._result.get(timeout=wait, propagate=True, disable_sync_subtasks=False)
         except celery.exceptions.TimeoutError:
             raise ResultTimeout(
