@@ -37,10 +37,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import celery
 import redis
@@ -73,6 +74,9 @@ DEFAULT_DONE_TTL = 24 * 3600.0
 CHUNK_SHARE = 0.85
 
 
+T = TypeVar("T")
+
+
 class _Process:
     """What one worker process builds once: its settings, Dispatcher and ledger."""
 
@@ -88,27 +92,29 @@ class _Process:
     # Each is built once, under the lock; read without it after that (a chunk's threads
     # read them several times a call, and a contended lock is a thread switch).
 
-    @property
-    def dispatcher(self) -> Dispatcher:
-        found = self._dispatcher
+    def _built(self, name: str, build: Callable[[], T]) -> T:
+        """Attribute ``name``, made by ``build()`` the first time (under the lock)."""
+        found: T | None = getattr(self, name)
         if found is None:
             with self._lock:
-                if self._dispatcher is None:
-                    self._dispatcher = build_dispatcher(self.config)
-                found = self._dispatcher
+                found = getattr(self, name)
+                if found is None:
+                    found = build()
+                    setattr(self, name, found)
         return found
 
     @property
+    def dispatcher(self) -> Dispatcher:
+        return self._built("_dispatcher", lambda: build_dispatcher(self.config))
+
+    @property
     def ledger(self) -> Ledger:
-        found = self._ledger
-        if found is None:
-            with self._lock:
-                if self._ledger is None:
-                    url = self.config.ledger_url
-                    assert url is not None  # WorkerConfig refuses a worker without one
-                    self._ledger = Ledger(url)
-                found = self._ledger
-        return found
+        return self._built("_ledger", self._new_ledger)
+
+    def _new_ledger(self) -> Ledger:
+        url = self.config.ledger_url
+        assert url is not None  # WorkerConfig refuses a worker without one
+        return Ledger(url)
 
     @property
     def guard(self) -> RedisGuard | None:
@@ -141,15 +147,10 @@ class _Process:
     @property
     def threads(self) -> ThreadPoolExecutor:
         """The threads that run a chunk's calls: as many as the Dispatcher's pool of connections."""
-        found = self._threads
-        if found is None:
-            with self._lock:
-                if self._threads is None:
-                    self._threads = ThreadPoolExecutor(
-                        self.config.core.pool_maxsize, thread_name_prefix="dispatchkit-batch"
-                    )
-                found = self._threads
-        return found
+        size = self.config.core.pool_maxsize
+        return self._built(
+            "_threads", lambda: ThreadPoolExecutor(size, thread_name_prefix="dispatchkit-batch")
+        )
 
 
 _process: _Process | None = None
