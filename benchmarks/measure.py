@@ -16,8 +16,9 @@ a full collection owed by the clients measured before it.
 The concurrency sweeps run every concurrent client with N calls in flight
 (N threads, or N tasks on one event loop for the asyncio clients, and a pool
 of N connections either way), against the fast endpoint and against one that
-answers ``delay_ms`` late. A sample is ``batch`` calls, fewer for a client so
-slow that they would take longer than ``sample_max_s`` (never fewer than N);
+answers ``delay_ms`` late. A sample is ``batch`` calls, more for a client so
+fast that they would take less than ``sample_min_s``, fewer for one so slow
+that they would take longer than ``sample_max_s`` (never fewer than N);
 a client stops its rounds at a level once it has spent ``level_budget_s``
 there, and an asyncio sample is cancelled after ``sample_limit_s``: a client
 that collapses is reported as it is, and not run at higher levels.
@@ -73,6 +74,10 @@ class Plan:
     delayed_waves: int = 8  # a sample there is this many times N calls, up to max_batch
     max_batch: int = 4096
     sample_max_s: float = 2.5
+    #: A fast client's sample has more than ``batch`` calls, to last at least this long
+    #: (a sample of a tenth of a second measures the machine's noise as much as the client).
+    sample_min_s: float = 0.0
+    max_sample_calls: int = 20_000
     level_budget_s: float = 15.0
     sample_limit_s: float = 20.0
     capacity: bool = True
@@ -212,6 +217,20 @@ def batch_size(plan: Plan, level: int, delayed: bool) -> int:
     return max(plan.batch, min(4 * level, plan.max_batch))
 
 
+def sample_calls(plan: Plan, batch: int, level: int, rate: float) -> int:
+    """Calls per sample of a client that warmed up at ``rate`` calls/s.
+
+    ``batch``, but more for a client so fast that the sample would end before
+    ``sample_min_s``, and fewer (at least ``level``) for one so slow that it
+    would last more than ``sample_max_s``.
+    """
+    if batch > rate * plan.sample_max_s:
+        return min(batch, max(level, round(rate * plan.sample_max_s)))
+    if batch < rate * plan.sample_min_s:
+        return min(plan.max_sample_calls, round(rate * plan.sample_min_s))
+    return batch
+
+
 def concurrency(
     plan: Plan, scheme: str, meter: Meter, delayed: bool = False
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -258,9 +277,7 @@ def concurrency(
                     row["total_calls"] += len(values)
                     # A client too slow for the batch in sample_max_s does fewer calls (>= N).
                     rate = len(values) / elapsed if elapsed > 0 else float("inf")
-                    row["calls"] = batch
-                    if batch > rate * plan.sample_max_s:
-                        row["calls"] = min(batch, max(level, round(rate * plan.sample_max_s)))
+                    row["calls"] = sample_calls(plan, batch, level, rate)
                 for number in range(1, rounds + 1):
                     for key, b in list(made.items()):
                         row = rows[key]

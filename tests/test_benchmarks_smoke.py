@@ -171,3 +171,21 @@ def test_compare_async_runs_the_clients_side_by_side() -> None:
     assert lines[1].split()[0] == "aiohttp"
     assert "(1.000x, paired 1.000x)" in lines[1]
     assert lines[2].split()[0] == "dk_async"
+
+
+@pytest.mark.parametrize(
+    ("rate", "calls"),
+    [
+        (10_000.0, 4_000),  # fast: a sample of 0.4 s, not of the batch's 0.1 s
+        (1_000_000.0, 20_000),  # never more than max_sample_calls
+        (3_000.0, 1_200),
+        (2_000.0, 1_000),  # the batch lasts long enough
+        (200.0, 500),  # slow: fewer calls, 2.5 s
+        (10.0, 64),  # never fewer than the calls in flight
+    ],
+)
+def test_a_sample_lasts_between_its_bounds(rate: float, calls: int) -> None:
+    from benchmarks.measure import Plan, sample_calls
+
+    plan = Plan("t", {}, None, "", sample_min_s=0.4, sample_max_s=2.5, max_sample_calls=20_000)
+    assert sample_calls(plan, 1_000, 64, rate) == calls
