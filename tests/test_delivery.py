@@ -478,6 +478,44 @@ def test_bad_caller_settings_are_usage_errors(setting: str, value: object) -> No
         Dispatcher(executor="celery", **settings)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        RetrySchedule(),
+        RetrySchedule(
+            (1, 2),
+            jitter=0,
+            methods=frozenset({"POST"}),
+            statuses=frozenset({429, 500, 501, 503, 504, 505}),
+        ),
+        RetrySchedule((0,), statuses=frozenset({404})),
+    ],
+)
+def test_a_schedule_reads_back_from_its_message(schedule: RetrySchedule) -> None:
+    sent = json.loads(json.dumps(schedule.to_dict()))
+    assert RetrySchedule.from_dict(sent) == schedule
+    # Read once per worker process: the same schedule again is the same object.
+    assert RetrySchedule.from_dict(json.loads(json.dumps(sent))) is RetrySchedule.from_dict(sent)
+
+
+def test_the_default_schedule_sends_its_server_errors_as_one_range() -> None:
+    sent = RetrySchedule().to_dict()
+    assert sent["statuses"] == [408, 425, 429, "500-599"]
+    assert len(json.dumps(sent)) < 200
+    # A message of an earlier version, every status listed, reads the same.
+    listed = {**sent, "statuses": sorted(RetrySchedule().statuses)}
+    assert RetrySchedule.from_dict(listed) == RetrySchedule()
+
+
+@pytest.mark.parametrize(
+    "statuses", [["599-500"], ["500-"], ["400-99999999999"], ["200-299"], [[500]], "500-599"]
+)
+def test_an_unreadable_status_range_is_a_usage_error(statuses: object) -> None:
+    sent = {**RetrySchedule().to_dict(), "statuses": statuses}
+    with pytest.raises(UsageError):
+        RetrySchedule.from_dict(sent)
+
+
 def test_schedule_settings_need_the_celery_executor() -> None:
     with pytest.raises(UsageError, match="executor 'celery'"):
         Dispatcher(executor="threads", retry_schedule=[1])
@@ -540,3 +578,31 @@ def test_a_worker_with_bad_settings_refuses_to_start() -> None:
     assert done.returncode != 0
     assert "UsageError" in done.stderr
     assert "visibility timeout" in done.stderr
+
+
+def test_a_message_shows_its_call_without_its_secrets(redis_url: str, db: redis.Redis) -> None:
+    """What Celery's events, Flower and ``celery inspect`` show of a message (its
+    ``argsrepr``) is the method and the masked URL, never the arguments or headers."""
+    import base64
+
+    queue = f"dispatchkit-nobody-{uuid.uuid4().hex[:8]}"  # no worker: the message stays
+    url = "http://user:pa55word@127.0.0.1:9/hook?token=t0ken&page=2"
+    with Dispatcher(executor="celery", celery_broker=redis_url, celery_queue=queue) as d:
+        d.apply_async(
+            url, "POST", {"card": "4111-1111"}, headers={"Authorization": "Bearer s3cret"}
+        )
+        d.submit_many(url, [{"card": "4111-2222"}] * 3, "POST")
+    messages = [json.loads(raw) for raw in db.lrange(queue, 0, -1)]
+    db.delete(queue)
+    assert len(messages) == 2
+    shown = [(m["headers"]["argsrepr"], m["headers"]["kwargsrepr"]) for m in messages]
+    for argsrepr, kwargsrepr in shown:
+        assert "127.0.0.1:9/hook" in argsrepr
+        assert "POST" in argsrepr
+        assert "'attempt': 1" in kwargsrepr
+        for secret in ("pa55word", "t0ken", "4111", "s3cret"):
+            assert secret not in argsrepr + kwargsrepr
+    assert any("3 calls" in argsrepr for argsrepr, _ in shown)
+    # The message itself carries the whole call, for the worker.
+    bodies = [base64.b64decode(m["body"]) for m in messages]
+    assert all(b"4111-" in body for body in bodies)

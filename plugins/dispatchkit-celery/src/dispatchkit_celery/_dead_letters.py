@@ -45,7 +45,7 @@ from dispatchkit._redact import MASK, SECRET_NAME, mask_url
 from dispatchkit.exceptions import error_from_dict
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import DEFAULT_RESEND_AFTER
-from dispatchkit_celery._wire import SEND_OPTIONS, TASK_NAME, message_kwargs
+from dispatchkit_celery._wire import send_call
 
 if TYPE_CHECKING:
     from dispatchkit_celery._executor import CeleryResult
@@ -385,14 +385,7 @@ class DeadLetters:
         try:
             # The old round's FAILURE must not answer for the new one.
             self._app.backend.forget(sent_as)
-            self._app.send_task(
-                TASK_NAME,
-                args=[call],
-                kwargs=message_kwargs(1, schedule),
-                task_id=sent_as,
-                queue=raw["queue"] or None,
-                **SEND_OPTIONS,
-            )
+            send_call(self._app, call, 1, schedule, task_id=sent_as, queue=raw["queue"] or None)
         except Exception as exc:  # the broker's or the backend's: the ledger holds the call
             log.warning(
                 "task %s: replay recorded, its message not sent (%s): a worker's poller sends "

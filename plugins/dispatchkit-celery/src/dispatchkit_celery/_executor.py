@@ -31,14 +31,7 @@ from dispatchkit_celery._config import (
 from dispatchkit_celery._dead_letters import DeadLetters, ledger_errors
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import RetrySchedule
-from dispatchkit_celery._wire import (
-    BATCH_TASK_NAME,
-    SEND_OPTIONS,
-    TASK_NAME,
-    CarriedError,
-    Waiting,
-    message_kwargs,
-)
+from dispatchkit_celery._wire import CarriedError, Waiting, send_call, send_chunk
 
 #: CeleryResult.get() reads a call's state this long after the first read found it running,
 #: then twice as long each time, up to MAX_POLL seconds between reads.
@@ -231,14 +224,7 @@ class CeleryExecutor:
             # In the ledger first: if the message is lost on its way, it is sent again.
             ledger.enqueue(call.task_id, data, schedule, self.queue, self._resend_after)
         try:
-            self.app.send_task(
-                TASK_NAME,
-                args=[data],
-                kwargs=message_kwargs(1, schedule),
-                task_id=call.task_id,
-                queue=self.queue,
-                **SEND_OPTIONS,
-            )
+            send_call(self.app, data, 1, schedule, task_id=call.task_id, queue=self.queue)
         except BaseException:
             if ledger is not None:
                 with contextlib.suppress(redis.RedisError):
@@ -264,10 +250,7 @@ class CeleryExecutor:
                     list(zip(ids, data, strict=True)), schedule, self.queue, self._resend_after
                 )
             try:
-                self.app.send_task(
-                    BATCH_TASK_NAME, args=[data], kwargs=message_kwargs(1, schedule),
-                    queue=self.queue, **SEND_OPTIONS,
-                )  # fmt: skip
+                send_chunk(self.app, data, schedule, queue=self.queue)
             except BaseException:
                 if ledger is not None:
                     with contextlib.suppress(redis.RedisError):

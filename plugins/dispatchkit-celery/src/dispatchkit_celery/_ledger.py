@@ -92,6 +92,23 @@ redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[1])
 return 1
 """
 
+# KEYS[1]: the due set, KEYS[1 + i]: call i's hash. ARGV: the schedule's JSON, the queue,
+# when to send again; then each call's task id and JSON. A hash left by an earlier call of
+# the same id goes: one script, so no worker sees it half written.
+_ENQUEUE = Script(
+    """
+local due = tonumber(ARGV[3])
+for i = 2, #KEYS do
+  local id, call = ARGV[2 * i], ARGV[2 * i + 1]
+  redis.call('DEL', KEYS[i])
+  redis.call('HSET', KEYS[i], 'state', 'queued', 'attempt', 1, 'call', call,
+             'schedule', ARGV[1], 'queue', ARGV[2])
+  redis.call('ZADD', KEYS[1], due, id)
+end
+return #KEYS - 1
+"""
+)
+
 # KEYS[1]: the call's hash, KEYS[2]: the due set. ARGV: attempt, token, task id.
 # take() is the call's offset (>= 0) when the message may run its attempt, -1 when it is a
 # duplicate.
@@ -252,22 +269,11 @@ class Ledger:
         """:meth:`enqueue` for each (task id, call) of ``calls``, in one transaction."""
         if not calls:
             return
-        plan = json.dumps(schedule)
-        with self.client.pipeline(transaction=True) as pipe:
-            for task_id, call in calls:
-                key = self.call_key(task_id)
-                fields: dict[FieldT, EncodableT] = {
-                    "state": QUEUED,
-                    "attempt": 1,
-                    "call": json.dumps(call),
-                    "schedule": plan,
-                    "queue": queue,
-                }
-                pipe.delete(key)
-                pipe.hset(key, mapping=fields)
-            resend = time.time() + resend_after
-            pipe.zadd(self.due, {task_id: resend for task_id, _ in calls})
-            pipe.execute()
+        keys = [self.due, *(self.call_key(task_id) for task_id, _ in calls)]
+        args: list[EncodableT] = [json.dumps(schedule), queue, repr(time.time() + resend_after)]
+        for task_id, call in calls:
+            args += (task_id, json.dumps(call))
+        self.batch.run(lambda pipe: _ENQUEUE.queue(pipe, keys, args))
 
     def forget(self, task_id: str) -> None:
         """Drop a call whose first message could not be sent (the caller got the error)."""

@@ -20,7 +20,7 @@ from celery import Celery, bootsteps
 from dispatchkit_celery._ledger import Ledger
 from dispatchkit_celery._schedule import DEFAULT_RESEND_AFTER
 from dispatchkit_celery._task import worker_process
-from dispatchkit_celery._wire import SEND_OPTIONS, TASK_NAME, message_kwargs
+from dispatchkit_celery._wire import send_call
 
 log = logging.getLogger("dispatchkit.celery")
 
@@ -56,14 +56,8 @@ class Poller:
             if pending is None:  # taken, done or gone meanwhile: nothing to send
                 self.ledger.release(task_id, claim, None)
                 continue
-            self.app.send_task(
-                TASK_NAME,
-                args=[pending.call],
-                kwargs=message_kwargs(pending.attempt, pending.schedule),
-                task_id=task_id,
-                queue=pending.queue or None,
-                **SEND_OPTIONS,
-            )
+            send_call(self.app, pending.call, pending.attempt, pending.schedule,
+                      task_id=task_id, queue=pending.queue or None)  # fmt: skip
             resend_after = pending.schedule.get("resend_after", DEFAULT_RESEND_AFTER)
             self.ledger.release(task_id, claim, float(resend_after))
             log.info("task %s: attempt %d sent", task_id, pending.attempt)

@@ -15,6 +15,9 @@ other backend gets ``store_result`` (:func:`state_writer` returns ``None``).
 
 from __future__ import annotations
 
+import os
+import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,10 @@ end
 """
 
 
+#: A task id that JSON writes as it is (every id dispatchkit makes is one).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     """A task state as the backend stores it: its key, its bytes, its seconds to keep (0: ever)."""
@@ -59,6 +66,35 @@ class StateWriter:
 
     def __init__(self, backend: RedisBackend) -> None:
         self.backend = backend
+        # worker name -> (the stand-in id, STARTED of the stand-in): see started().
+        self._started: dict[str | None, tuple[str, Stored]] = {}
+
+    def started(self, task_id: str, hostname: str | None) -> Stored:
+        """``STARTED`` of task ``task_id`` run by this process of worker ``hostname``.
+
+        Its meta (``pid`` and ``hostname``) is the same for every task of the
+        process, so it is encoded once, for a stand-in id, and each task's id
+        takes the stand-in's place; an id that JSON would escape is encoded in full.
+        """
+        found = self._started.get(hostname)
+        if found is None:
+            stand_in = f"dispatchkit-started-{uuid.uuid4().hex}"
+            meta = {"pid": os.getpid(), "hostname": hostname}
+            found = self._started[hostname] = (
+                stand_in,
+                self.encoded(stand_in, meta, celery_states.STARTED),
+            )
+        stand_in, stored = found
+        if not _PLAIN_ID.fullmatch(task_id):
+            return self.encoded(
+                task_id, {"pid": os.getpid(), "hostname": hostname}, celery_states.STARTED
+            )
+        payload = stored.payload
+        if isinstance(payload, bytes):
+            payload = payload.replace(stand_in.encode(), task_id.encode())
+        else:
+            payload = payload.replace(stand_in, task_id)
+        return Stored(self.backend.get_key_for_task(task_id), payload, stored.seconds)
 
     def encoded(self, task_id: str, value: Any, state: str) -> Stored:
         """``state`` (with its ``value``) of task ``task_id``, as ``store_result`` would store it.

@@ -10,6 +10,7 @@ attempt; the ``Retry-After`` parsing is the core's own.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -99,22 +100,29 @@ class RetrySchedule:
             "jitter": self.jitter,
             "retry_after_max": self.retry_after_max,
             "methods": sorted(self.methods) if self.methods is not None else None,
-            "statuses": sorted(self.statuses),
+            "statuses": _runs(self.statuses),
             "resend_after": self.resend_after,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RetrySchedule:
+        """The schedule of a message (or of the ledger); a ``UsageError`` if unreadable.
+
+        A worker reads the same few schedules in every message, so each is read
+        and checked once per process (up to :data:`READ_CACHE` of them).
+        """
         try:
-            return cls(
-                data["waits"],
+            methods, statuses = data["methods"], data["statuses"]
+            key = (
+                _frozen(data["waits"]),
                 data["jitter"],
                 data["retry_after_max"],
-                data["methods"],
-                data["statuses"],
+                None if methods is None else _frozen(methods),
+                _frozen(statuses),
                 data["resend_after"],
             )
-        except (KeyError, TypeError) as exc:
+            return _read(key)
+        except (KeyError, TypeError) as exc:  # TypeError: unhashable, so not plain JSON
             raise UsageError(f"unreadable retry schedule in the message: {data!r}") from exc
 
     @property
@@ -150,6 +158,50 @@ class RetrySchedule:
                 return min(asked, self.retry_after_max)
         factor = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
         return self.waits[attempt - 1] * factor
+
+
+#: How many schedules a process keeps read (a worker sees one per caller's settings).
+READ_CACHE = 64
+
+
+@functools.lru_cache(maxsize=READ_CACHE)
+def _read(key: tuple[Any, ...]) -> RetrySchedule:
+    waits, jitter, retry_after_max, methods, statuses, resend_after = key
+    return RetrySchedule(waits, jitter, retry_after_max, methods, _expanded(statuses), resend_after)
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` (a list from JSON) as a tuple, so that it can be a cache key; else as it is."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _runs(statuses: frozenset[int]) -> list[int | str]:
+    """``statuses`` sorted, three or more in a row as one ``"first-last"``: the default's
+    hundred server errors travel in every message as ``"500-599"``."""
+    runs: list[list[int]] = []
+    for status in sorted(statuses):
+        if runs and status == runs[-1][-1] + 1:
+            runs[-1].append(status)
+        else:
+            runs.append([status])
+    listed: list[int | str] = []
+    for run in runs:
+        listed += [f"{run[0]}-{run[-1]}"] if len(run) >= 3 else run
+    return listed
+
+
+def _expanded(statuses: Any) -> Any:
+    """The statuses of :func:`_runs` one by one (anything else as it is, for the checks)."""
+    if not isinstance(statuses, (list, tuple)):
+        return statuses
+    out: list[object] = []
+    for item in statuses:
+        first, dash, last = item.partition("-") if isinstance(item, str) else ("", "", "")
+        if dash and first.isdigit() and last.isdigit() and 400 <= int(first) <= int(last) <= 599:
+            out.extend(range(int(first), int(last) + 1))
+        else:
+            out.append(item)
+    return out
 
 
 def _waits(waits: object) -> tuple[float, ...]:

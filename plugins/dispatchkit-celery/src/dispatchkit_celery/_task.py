@@ -63,7 +63,7 @@ from dispatchkit_celery._guard import (
 from dispatchkit_celery._ledger import Ledger, taken_offset
 from dispatchkit_celery._results import StateWriter, Stored, state_writer
 from dispatchkit_celery._schedule import RetrySchedule
-from dispatchkit_celery._wire import SEND_OPTIONS, TASK_NAME, CarriedError, Waiting, message_kwargs
+from dispatchkit_celery._wire import CarriedError, Waiting, send_call
 
 log = logging.getLogger("dispatchkit.celery")
 
@@ -323,8 +323,7 @@ def _run_in_batch(
         # It could not end within the visibility timeout of this message: its own message
         # (which takes it in the ledger first; a copy of the chunk is then a duplicate).
         try:
-            app.send_task(TASK_NAME, args=[call], kwargs=message_kwargs(attempt, schedule),
-                          task_id=task_id, queue=queue, **SEND_OPTIONS)  # fmt: skip
+            send_call(app, call, attempt, schedule, task_id=task_id, queue=queue)
         except Exception as exc:
             log.error("task %s: cannot send it on alone (%s): chunk handed back", task_id, exc)
             return True
@@ -494,7 +493,7 @@ def dispatch_call(
     started_meta = {"pid": os.getpid(), "hostname": delivery.hostname}
     started = None
     if retries is not None:
-        started = _encoded(delivery, process, "STARTED", started_meta)
+        started = _started(delivery, process)
         offset = _take(process, delivery, attempt, token, started)
     elif delivery.ride is not None:
         delivery.ride.ahead = None  # no take to ride on: the dispatcher asks the guard
@@ -686,6 +685,18 @@ def _encoded(delivery: Delivery, process: _Process, state: str, meta: Any) -> St
         return writer.encoded(delivery.task_id, meta, state)
     except Exception as exc:  # the backend's own store_result will say it
         log.debug("task %s: state %s left to the backend: %s", delivery.task_id, state, exc)
+        return None
+
+
+def _started(delivery: Delivery, process: _Process) -> Stored | None:
+    """:func:`_encoded` of ``STARTED`` (made once per process, see ``StateWriter.started``)."""
+    writer = process.writer(delivery.app)
+    if writer is None:
+        return None
+    try:
+        return writer.started(delivery.task_id, delivery.hostname)
+    except Exception as exc:  # the backend's own store_result will say it
+        log.debug("task %s: state STARTED left to the backend: %s", delivery.task_id, exc)
         return None
 
 

@@ -20,6 +20,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import celery
+
+from dispatchkit._redact import mask_url
+
 TASK_NAME = "dispatchkit.http_dispatch"
 BATCH_TASK_NAME = "dispatchkit.http_dispatch_batch"
 
@@ -34,6 +38,58 @@ SEND_OPTIONS: dict[str, Any] = {"ignore_result": True}
 def message_kwargs(attempt: int, schedule: dict[str, Any] | None) -> dict[str, Any]:
     """The keyword arguments of a new message of attempt ``attempt``."""
     return {"attempt": attempt, "schedule": schedule, "token": uuid.uuid4().hex}
+
+
+def send_call(
+    app: celery.Celery,
+    call: dict[str, Any],
+    attempt: int,
+    schedule: dict[str, Any] | None,
+    *,
+    task_id: str,
+    queue: str | None,
+) -> None:
+    """Send attempt ``attempt`` of ``call`` as a message of its own, under ``task_id``."""
+    app.send_task(
+        TASK_NAME,
+        args=[call],
+        kwargs=message_kwargs(attempt, schedule),
+        task_id=task_id,
+        queue=queue,
+        argsrepr=f"({_shown(call)},)",
+        kwargsrepr=f"{{'attempt': {attempt}}}",
+        **SEND_OPTIONS,
+    )
+
+
+def send_chunk(
+    app: celery.Celery,
+    calls: list[dict[str, Any]],
+    schedule: dict[str, Any] | None,
+    *,
+    queue: str | None,
+) -> None:
+    """Send the first attempt of ``calls`` as one message (its task id is its own)."""
+    app.send_task(
+        BATCH_TASK_NAME,
+        args=[calls],
+        kwargs=message_kwargs(1, schedule),
+        queue=queue,
+        argsrepr=f"([{len(calls)} calls, the first {_shown(calls[0]) if calls else None}],)",
+        kwargsrepr="{'attempt': 1}",
+        **SEND_OPTIONS,
+    )
+
+
+def _shown(call: dict[str, Any]) -> str:
+    """The call as a message's ``argsrepr`` shows it (events, Flower, ``celery inspect``):
+    its method and masked URL, never its arguments or headers.
+
+    Celery's own ``argsrepr`` would be the ``saferepr`` of the whole call, secrets in its
+    headers included, and cost more CPU time than the rest of sending the message.
+    """
+    url = call.get("url")
+    return f"'{call.get('method', 'GET')} {mask_url(url) if isinstance(url, str) else '?'}'"
 
 
 class CarriedError(Exception):
