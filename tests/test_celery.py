@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from dispatchkit_celery._executor import CeleryResult
 from dispatchkit_celery.testing import REDIS_URL, Worker, celery_worker
 
 from conftest import peer_stats
@@ -156,6 +157,37 @@ def test_get_returns_what_celerys_own_get_returns(celery_dispatcher: Dispatcher,
     failed = celery_dispatcher.submit(f"{peer}/status/404")
     with pytest.raises(HTTPStatusError):
         failed.get(timeout=60)
+
+
+def test_a_failed_call_is_read_without_subscribing(
+    celery_dispatcher: Dispatcher, peer: str, redis_url: str
+) -> None:
+    """get() of a call that failed raises its error from the state it read: Celery's own
+    get() of a result it has not read yet subscribes to the result's channel first (the
+    server counts the SUBSCRIBE commands)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def subscribes() -> int:
+        stats = client.info("commandstats").get("cmdstat_subscribe") or {}
+        return int(stats.get("calls", 0))
+
+    failed = [celery_dispatcher.submit(f"{peer}/status/404") for _ in range(3)]
+    before = subscribes()
+    for result in failed:
+        with pytest.raises(HTTPStatusError):
+            result.get(timeout=60)
+    ours = subscribes() - before
+    # The same ended calls through Celery's own handles: the count the test can tell from.
+    for result in failed:
+        assert isinstance(result, CeleryResult)
+        fresh = result.celery_result.app.AsyncResult(result.id)  # nothing read into it yet
+        error = fresh.get(timeout=60, propagate=False, disable_sync_subtasks=False)
+        assert isinstance(error, Exception)
+    theirs = subscribes() - before - ours
+    client.close()
+    assert (ours, theirs > 0) == (0, True)
 
 
 def test_connections_are_pooled_per_worker_process(
