@@ -47,6 +47,7 @@ GROUPS = {
     "Endpoint isolation": ["Endpoints", "EndpointState", "EndpointGuard", "Admission", "Verdict"],
     "What plugins see and provide": [
         "hookimpl",
+        "mask_url",
         "Request",
         "Response",
         "Envelope",

@@ -21,6 +21,7 @@ from dispatchkit._models import (
     Result,
     Transport,
 )
+from dispatchkit._redact import mask_url
 from dispatchkit._results import AsyncResult
 from dispatchkit._settings import Settings
 from dispatchkit._version import __version__
@@ -89,5 +90,6 @@ __all__ = [
     "__version__",
     "default_dispatcher",
     "hookimpl",
+    "mask_url",
     "states",
 ]

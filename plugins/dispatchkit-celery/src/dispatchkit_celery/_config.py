@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from dispatchkit import Dispatcher, Settings, UsageError
+from dispatchkit import Dispatcher, Settings, UsageError, mask_url
 from dispatchkit._checks import seconds
-from dispatchkit._redact import mask_url
 from dispatchkit.builtin.transport import DEADLINE_FACTOR
 from dispatchkit_celery._schedule import RETRY_SETTINGS
 

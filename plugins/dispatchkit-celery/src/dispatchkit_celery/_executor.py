@@ -16,8 +16,7 @@ from celery import Celery
 from celery import states as celery_states
 from celery.result import AsyncResult as CeleryAsyncResult
 
-from dispatchkit import Attempt, Call, DispatchError, ResultTimeout, UsageError, states
-from dispatchkit._redact import mask_url
+from dispatchkit import Attempt, Call, DispatchError, ResultTimeout, UsageError, mask_url, states
 from dispatchkit.exceptions import error_from_dict
 from dispatchkit_celery._app import make_app
 from dispatchkit_celery._config import (

@@ -57,9 +57,9 @@ from dispatchkit import (
     Settings,
     TransportError,
     Verdict,
+    mask_url,
 )
 from dispatchkit._endpoints import ADMITTED, PROBE, endpoint_key
-from dispatchkit._redact import mask_url
 from dispatchkit.builtin.endpoints import EndpointPolicy
 from dispatchkit.builtin.transport import DEADLINE_FACTOR
 from dispatchkit_celery._coalesce import Coalescer, Script

@@ -136,13 +136,10 @@ class _Process:
             return contextlib.nullcontext()
 
     def writer(self, app: celery.Celery) -> StateWriter | None:
-        """Writes task states on the ledger's pipelines, where the backend allows it."""
-        found = self._writer
-        if found is None:
-            with self._lock:
-                url = self.config.ledger_url or ""
-                found = self._writer = (state_writer(app, url),)
-        return found[0]
+        """Writes task states on the ledger's pipelines, where the backend allows it
+        (kept in a 1-tuple: ``None`` is an answer too)."""
+        url = self.config.ledger_url or ""
+        return self._built("_writer", lambda: (state_writer(app, url),))[0]
 
     @property
     def threads(self) -> ThreadPoolExecutor:

@@ -22,7 +22,7 @@ from typing import Any
 
 import celery
 
-from dispatchkit._redact import mask_url
+from dispatchkit import mask_url
 
 TASK_NAME = "dispatchkit.http_dispatch"
 BATCH_TASK_NAME = "dispatchkit.http_dispatch_batch"
