@@ -512,10 +512,34 @@ def dispatch_call(
     else:
         _record(delivery, process, _records(delivery, attempts, number))
         return retval
+    raise _failed(delivery, process, spec, retries, attempt, number, failure, attempts)
+
+
+def _ignore() -> Exception:
+    """Celery's ``Ignore``: the message is acknowledged, the call goes on in the ledger."""
+    ignored: Exception = Ignore()
+    return ignored
+
+
+def _failed(
+    delivery: Delivery,
+    process: _Process,
+    spec: Call,
+    retries: RetrySchedule | None,
+    attempt: int,
+    number: int,
+    failure: DispatchError,
+    attempts: list[Attempt],
+) -> Exception:
+    """What follows a failed attempt (attempt ``attempt`` of the message, ``number`` of the
+    call), and the exception that ends the delivery: ``Ignore`` once the next attempt is
+    scheduled, or the call's end as a :class:`CarriedError` (kept as a dead letter first
+    when its schedule ran out on failures worth retrying). ``Reject`` is raised when the
+    ledger could not record it."""
     back = None if retries is None else deferred_until(failure, time.time())
     if retries is not None and back is not None:  # nothing was sent: no attempt spent
         _schedule_next(delivery, process, spec, retries, attempt, back, failure, [])
-        raise Ignore()
+        return _ignore()
     records = _records(delivery, attempts, number)
     wait = None if retries is None else retries.wait_after(attempt, failure)
     if retries is None or wait is None:
@@ -526,11 +550,13 @@ def dispatch_call(
         else:
             _record(delivery, process, records)
             if retries is not None:
-                log.info("task %s: attempt %d failed for good: %s", task_id, number, failure)
-        raise _carried(failure)
+                log.info(
+                    "task %s: attempt %d failed for good: %s", delivery.task_id, number, failure
+                )
+        return _carried(failure)
     due = time.time() + wait
     _schedule_next(delivery, process, spec, retries, attempt + 1, due, failure, records)
-    raise Ignore()
+    return _ignore()
 
 
 def _schedule_next(
