@@ -561,6 +561,8 @@ def test_a_worker_config_shows_no_secret() -> None:
         ({"delivery_poll_interval": "1"}, "delivery_poll_interval"),
         ({"delivery_redis": "http://127.0.0.1/"}, "delivery_redis"),
         ({"timeout": -1}, "timeout"),
+        ({"chunk_runner": "trio"}, "chunk_runner"),
+        ({"chunk_runner": None}, "chunk_runner"),
     ],
 )
 def test_bad_worker_settings_are_usage_errors(settings: dict[str, Any], match: str) -> None:

@@ -67,9 +67,12 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def worker(redis_url: str) -> Iterator[Worker]:
-    with celery_worker(QUEUE, concurrency=2, url=redis_url, worker_settings=SETTINGS) as running:
+@pytest.fixture(scope="module", params=["asyncio", "threads"])
+def worker(redis_url: str, request: pytest.FixtureRequest) -> Iterator[Worker]:
+    """A worker whose chunks run on an event loop, or on threads: every test runs on both."""
+    settings = {**SETTINGS, "chunk_runner": request.param}
+    with celery_worker(QUEUE, concurrency=2, url=redis_url, worker_settings=settings) as running:
+        running.chunk_runner = request.param  # type: ignore[attr-defined]
         yield running
 
 
@@ -110,6 +113,8 @@ def test_250_calls_in_3_messages(
     assert len(chunks) == math.ceil(250 / BATCH)
     assert not set(received(worker, TASK_NAME)) & set(keys)  # no call came alone
     assert [a.number for a in results[0].attempts] == [1]
+    on_a_loop = any("chunks run on an event loop" in line for line in worker.log)
+    assert on_a_loop == (worker.chunk_runner == "asyncio")  # type: ignore[attr-defined]
 
 
 def test_a_failed_call_retries_alone_while_its_chunk_mates_complete(

@@ -25,10 +25,15 @@ a coalescer loads every script into Redis before its first pipeline, and again
 after Redis answered ``NOSCRIPT`` (it restarted, or its scripts were flushed;
 the command that got it failed, as on any Redis error). redis-py's own
 ``Script`` would ask ``SCRIPT EXISTS`` before every pipeline: a round trip more.
+
+On an event loop, :class:`LoopBatch` does the same for coroutines: the commands
+queued while the loop runs its ready coroutines go in one pipeline, sent by a
+callback the loop runs next.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
@@ -257,3 +262,36 @@ class Coalescer:
                 pipe.script_load(script.text)
             pipe.execute()
         self._loaded = len(scripts)
+
+
+class LoopBatch:
+    """A :class:`Coalescer`'s pipelines for the coroutines of one event loop.
+
+    The commands the coroutines queue while the loop runs them go in one
+    pipeline, sent by a callback the loop runs once they are all waiting: a
+    round trip that blocks the loop's thread, for replies that every coroutine
+    queued in it waits for anyway. Only ever used from the loop's own thread.
+    """
+
+    def __init__(self, coalescer: Coalescer) -> None:
+        self._coalescer = coalescer
+        self._queued: list[tuple[Turn, asyncio.Future[None]]] = []
+
+    async def run(self, commands: Commands, *, raise_errors: bool = True) -> list[Any]:
+        """:meth:`Coalescer.run` for a coroutine: the replies of ``commands``, in order."""
+        loop = asyncio.get_running_loop()
+        turn, carried = Turn(commands, waits=True), loop.create_future()
+        self._queued.append((turn, carried))
+        if len(self._queued) == 1:
+            loop.call_soon(self._send)
+        await carried
+        return Coalescer._outcome(turn, raise_errors)
+
+    def _send(self) -> None:
+        queued, self._queued = self._queued, []
+        try:
+            self._coalescer._carry([turn for turn, _ in queued])
+        finally:
+            for _, carried in queued:
+                if not carried.done():  # a coroutine cancelled meanwhile has no one waiting
+                    carried.set_result(None)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from dispatchkit import Dispatcher, Settings, UsageError, mask_url
+from dispatchkit import AsyncDispatcher, Dispatcher, Settings, UsageError, mask_url
 from dispatchkit._checks import seconds
 from dispatchkit.builtin.transport import DEADLINE_FACTOR
 from dispatchkit_celery._schedule import RETRY_SETTINGS
@@ -45,7 +45,7 @@ IN_PROCESS_RETRY = ("retry_attempts", "retry_max_time", "retry_backoff", "retry_
 #: Worker settings that are the worker's own, not its Dispatcher's.
 WORKER_ONLY = frozenset({"delivery_redis", "visibility_timeout", "delivery_poll_interval",
                          "delivery_claim_lease", "attempts_ttl", "dead_letter_ttl",
-                         "endpoint_wait"})  # fmt: skip
+                         "endpoint_wait", "chunk_runner"})  # fmt: skip
 #: Seconds the records of a call's attempts are kept after its last attempt: 7 days.
 DEFAULT_ATTEMPTS_TTL = 7 * 24 * 3600.0
 #: Seconds a dead letter is kept unless replayed or purged first: 30 days.
@@ -53,6 +53,9 @@ DEFAULT_DEAD_LETTER_TTL = 30 * 24 * 3600.0
 #: Endpoint isolation on the Celery executor, unless the settings say otherwise: every
 #: origin gets a circuit breaker, and a 410 Gone disables its URL (off in-process).
 ENDPOINT_DEFAULTS: Mapping[str, Any] = {"circuit_breaker": True, "disable_on_gone": True}
+#: How a worker process runs a chunk's calls: on an event loop with the AsyncDispatcher
+#: (needs ``dispatchkit[async]``; without it, threads), or on ``pool_maxsize`` threads.
+CHUNK_RUNNERS = ("asyncio", "threads")
 #: Seconds a worker process waits for a rate limit's token or an in-flight slot before it
 #: defers the call through the delivery ledger (a call with a durable schedule).
 DEFAULT_ENDPOINT_WAIT = 1.0
@@ -102,6 +105,8 @@ class WorkerConfig:
     #: Seconds an attempt may wait in the worker process for a slot at its origin (rate
     #: limit, origin_concurrency); past that the call is deferred, no attempt spent.
     endpoint_wait: float = DEFAULT_ENDPOINT_WAIT
+    #: How a chunk's calls run: one of :data:`CHUNK_RUNNERS`.
+    chunk_runner: str = "asyncio"
     #: The core settings of ``dispatcher``, checked.
     core: Settings = field(init=False, repr=False, compare=False)
 
@@ -146,6 +151,11 @@ class WorkerConfig:
             seconds(getattr(self, name), f"worker setting {name!r}")
         if self.dead_letter_ttl is not None:
             seconds(self.dead_letter_ttl, "worker setting 'dead_letter_ttl'")
+        if self.chunk_runner not in CHUNK_RUNNERS:
+            raise UsageError(
+                f"worker setting 'chunk_runner' must be one of {', '.join(CHUNK_RUNNERS)}, "
+                f"got {self.chunk_runner!r}"
+            )
         if self.delivery_redis is not None and not (
             isinstance(self.delivery_redis, str) and is_redis(self.delivery_redis)
         ):
@@ -199,15 +209,32 @@ def build_dispatcher(config: WorkerConfig) -> Dispatcher:
     Its endpoint guard keeps its state in the ledger's Redis (``endpoints_redis``),
     shared by every worker, with :data:`ENDPOINT_DEFAULTS` unless the settings say.
     """
-    settings = {**ENDPOINT_DEFAULTS, "endpoints_redis": config.ledger_url, **config.dispatcher}
-    disable = [*settings.pop("disable", ()), "retry"]
+    settings, disable = _worker_settings(config)
     dispatcher = Dispatcher(**settings, executor="threads", disable=disable)
+    _one_attempt(dispatcher, dispatcher.close)
+    return dispatcher
+
+
+async def build_async_dispatcher(config: WorkerConfig) -> AsyncDispatcher:
+    """:func:`build_dispatcher` for a chunk's event loop (made on that loop): the same
+    settings and plugins; a ``UsageError`` names the extra when aiohttp is missing."""
+    settings, disable = _worker_settings(config)
+    dispatcher = AsyncDispatcher(**settings, disable=disable)
+    _one_attempt(dispatcher, lambda: None)
+    return dispatcher
+
+
+def _worker_settings(config: WorkerConfig) -> tuple[dict[str, Any], list[str]]:
+    settings = {**ENDPOINT_DEFAULTS, "endpoints_redis": config.ledger_url, **config.dispatcher}
+    return settings, [*settings.pop("disable", ()), "retry"]
+
+
+def _one_attempt(dispatcher: Dispatcher | AsyncDispatcher, close: Callable[[], None]) -> None:
     retrying = [p.name for p in dispatcher.plugins if "dispatchkit_retry_policy" in p.hooks]
     if retrying:
-        dispatcher.close()
+        close()
         raise UsageError(
             f"plugin(s) {', '.join(map(repr, retrying))} retry inside the worker; a worker makes "
             "one attempt per delivery (retries follow the caller's retry_schedule): disable "
             "them with the worker setting 'disable'"
         )
-    return dispatcher

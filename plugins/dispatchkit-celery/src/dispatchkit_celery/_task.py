@@ -1,9 +1,11 @@
 """The worker's side: task ``dispatchkit.http_dispatch``, one attempt per delivery.
 
 Task ``dispatchkit.http_dispatch_batch`` carries the first attempt of a chunk
-of calls (``submit_many``) and runs them concurrently on a small thread pool,
-each through the same per-call path (:func:`dispatch_call`) with its own task
-id: taken in the ledger, attempts recorded, result stored under that id, a
+of calls (``submit_many``) and runs them concurrently, ``pool_maxsize`` at a
+time, on the worker process's event loop (:class:`ChunkLoop`, with an
+``AsyncDispatcher``: :func:`dispatch_call_async`) or on its threads (worker
+setting ``chunk_runner``), each through the same per-call steps with its own
+task id: taken in the ledger, attempts recorded, result stored under that id, a
 wait or a dead letter of its own. A call the chunk could not start in time to
 finish within the visibility timeout is sent on as a single message instead.
 
@@ -31,13 +33,15 @@ one call takes its attempt and stores ``STARTED`` in one script the same way.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -48,9 +52,22 @@ import redis
 from celery.exceptions import Ignore, Reject
 from redis.client import Pipeline
 
-from dispatchkit import Attempt, Call, Dispatcher, DispatchError, EndpointDisabledError
-from dispatchkit_celery._coalesce import Turn
-from dispatchkit_celery._config import WorkerConfig, build_dispatcher, is_redis
+from dispatchkit import (
+    AsyncDispatcher,
+    Attempt,
+    Call,
+    Dispatcher,
+    DispatchError,
+    EndpointDisabledError,
+    UsageError,
+)
+from dispatchkit_celery._coalesce import Commands, LoopBatch, Turn
+from dispatchkit_celery._config import (
+    WorkerConfig,
+    build_async_dispatcher,
+    build_dispatcher,
+    is_redis,
+)
 from dispatchkit_celery._dead_letters import bury
 from dispatchkit_celery._guard import (
     RedisGuard,
@@ -87,7 +104,8 @@ class _Process:
         self._ledger: Ledger | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._writer: tuple[StateWriter | None] | None = None
-        self._lock = threading.Lock()
+        self._runner: tuple[ChunkLoop | None] | None = None
+        self._lock = threading.RLock()  # a part may be made of others (the runner)
 
     # Each is built once, under the lock; read without it after that (a chunk's threads
     # read them several times a call, and a contended lock is a thread switch).
@@ -120,26 +138,38 @@ class _Process:
     def guard(self) -> RedisGuard | None:
         """The dispatcher's guard, when it keeps its state on the ledger's Redis: its round
         trips can then ride on the ledger's pipelines."""
-        guard = self.dispatcher.endpoints.guard
+        return self.riding_guard(self.dispatcher)
+
+    def riding_guard(self, dispatcher: Dispatcher | AsyncDispatcher) -> RedisGuard | None:
+        """``dispatcher``'s guard, if its round trips can ride on the ledger's pipelines."""
+        guard = dispatcher.endpoints.guard
         if isinstance(guard, RedisGuard) and guard.url == self.config.ledger_url:
             return guard
         return None
 
     def ride(self, call: dict[str, Any]) -> contextlib.AbstractContextManager[Ride | None]:
-        """:meth:`RedisGuard.ride` for ``call``, where the guard allows it."""
-        guard, url = self.guard, call.get("url")
-        if guard is None or not isinstance(url, str):
-            return contextlib.nullcontext()
-        try:
-            return guard.ride(url)
-        except (DispatchError, ValueError):  # a URL the call itself will refuse
-            return contextlib.nullcontext()
+        """:meth:`RedisGuard.ride` for ``call`` on the Dispatcher's guard, where it allows it."""
+        return ride_on(self.guard, call)
 
     def writer(self, app: celery.Celery) -> StateWriter | None:
         """Writes task states on the ledger's pipelines, where the backend allows it
         (kept in a 1-tuple: ``None`` is an answer too)."""
         url = self.config.ledger_url or ""
         return self._built("_writer", lambda: (state_writer(app, url),))[0]
+
+    def runner(self, app: celery.Celery) -> ChunkLoop | None:
+        """The event loop that runs this process's chunks (worker setting ``chunk_runner``);
+        ``None``: threads run them (asked for, or the asyncio parts are missing)."""
+        return self._built("_runner", lambda: (self._new_runner(app),))[0]
+
+    def _new_runner(self, app: celery.Celery) -> ChunkLoop | None:
+        if self.config.chunk_runner != "asyncio" or self.writer(app) is None:
+            return None  # without its own result writes, a chunk's ends go one by one
+        try:
+            return ChunkLoop(self)
+        except UsageError as exc:  # aiohttp is not installed
+            log.warning("chunks run on threads: %s", exc)
+            return None
 
     @property
     def threads(self) -> ThreadPoolExecutor:
@@ -149,6 +179,58 @@ class _Process:
             "_threads", lambda: ThreadPoolExecutor(size, thread_name_prefix="dispatchkit-batch")
         )
 
+
+def ride_on(
+    guard: RedisGuard | None, call: dict[str, Any]
+) -> contextlib.AbstractContextManager[Ride | None]:
+    """:meth:`RedisGuard.ride` for ``call`` on ``guard`` (``None``: no ride)."""
+    url = call.get("url")
+    if guard is None or not isinstance(url, str):
+        return contextlib.nullcontext()
+    try:
+        return guard.ride(url)
+    except (DispatchError, ValueError):  # a URL the call itself will refuse
+        return contextlib.nullcontext()
+
+
+class ChunkLoop:
+    """A worker process's event loop for the calls of its chunks, on a thread of its own.
+
+    The worker's AsyncDispatcher is made on it (the same settings and plugins
+    as its Dispatcher), and the ledger's round trips of the calls that start
+    or end in the same turn of the loop go in one pipeline (:class:`LoopBatch`).
+    """
+
+    def __init__(self, process: _Process) -> None:
+        self.loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=self.loop.run_forever, name="dispatchkit-chunks")
+        thread.daemon = True  # a pool process ends without waiting for it
+        thread.start()
+        try:
+            self.dispatcher = self.run(build_async_dispatcher(process.config), CHUNK_LOOP_START)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+        self.batch = LoopBatch(process.ledger.batch)
+        self.guard = process.riding_guard(self.dispatcher)
+        size = process.config.core.pool_maxsize
+        log.info("chunks run on an event loop, %d calls of a chunk at a time", size)
+
+    def run(self, work: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``work`` on the loop; cancelled, and Celery's ``Reject`` (requeue) after
+        ``timeout`` seconds."""
+        future = asyncio.run_coroutine_threadsafe(work, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise Reject(
+                f"the chunk's calls did not end within {timeout:g}s", requeue=True
+            ) from None
+
+
+#: Seconds a worker process waits for its chunks' event loop to start.
+CHUNK_LOOP_START = 30.0
 
 _process: _Process | None = None
 _process_lock = threading.Lock()
@@ -276,6 +358,17 @@ def http_dispatch_batch(
         with contextlib.suppress(DispatchError):
             retries = RetrySchedule.from_dict(schedule)
 
+    runner = process.runner(task.app)
+    if runner is not None:
+        chunk = _Chunk(task.app, process, attempt, schedule, retries, token, hostname, queue,
+                       started)  # fmt: skip
+        handed_back = runner.run(
+            _run_chunk(chunk, runner, calls), process.config.visibility_timeout
+        )
+        if handed_back:
+            raise Reject(f"{handed_back} call(s) of the chunk could not be recorded", requeue=True)
+        return
+
     def one(call: dict[str, Any]) -> bool | Ending:
         return _run_in_batch(task.app, process, call, attempt, schedule, retries, token,
                              hostname, queue, started)  # fmt: skip
@@ -313,19 +406,8 @@ def _run_in_batch(
     ``schedule`` is the message's, ``retries`` the same read (or, unreadable, as it came).
     """
     task_id = str(call.get("task_id") or "")
-    if not task_id:  # the executor gives every call its id: not a message of ours
-        log.error("a chunk's call without a task id: dropped")
-        return False
-    if _out_of_time(process.config, call.get("timeout"), started):
-        # It could not end within the visibility timeout of this message: its own message
-        # (which takes it in the ledger first; a copy of the chunk is then a duplicate).
-        try:
-            send_call(app, call, attempt, schedule, task_id=task_id, queue=queue)
-        except Exception as exc:
-            log.error("task %s: cannot send it on alone (%s): chunk handed back", task_id, exc)
-            return True
-        log.info("task %s: sent on alone, the chunk's time is up", task_id)
-        return False
+    if not task_id or _out_of_time(process.config, call.get("timeout"), started):
+        return _not_run_here(app, call, task_id, attempt, schedule, queue)
     delivery = Delivery(app, task_id, hostname, queue, settles=True)
     with process.ride(call) as delivery.ride:
         try:
@@ -345,6 +427,99 @@ def _run_in_batch(
         except Exception as exc:
             log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
             return True
+
+
+def _not_run_here(
+    app: celery.Celery,
+    call: dict[str, Any],
+    task_id: str,
+    attempt: int,
+    schedule: Any,
+    queue: str,
+) -> bool:
+    """A chunk's call it does not run: without a task id (dropped), or one that could not
+    end within the visibility timeout of the chunk's message (sent on alone; its message
+    takes it in the ledger first, so a copy of the chunk is then a duplicate).
+    ``True``: hand the chunk back."""
+    if not task_id:  # the executor gives every call its id: not a message of ours
+        log.error("a chunk's call without a task id: dropped")
+        return False
+    try:
+        send_call(app, call, attempt, schedule, task_id=task_id, queue=queue)
+    except Exception as exc:
+        log.error("task %s: cannot send it on alone (%s): chunk handed back", task_id, exc)
+        return True
+    log.info("task %s: sent on alone, the chunk's time is up", task_id)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """What the calls of one chunk share (see :func:`http_dispatch_batch`)."""
+
+    app: celery.Celery
+    process: _Process
+    attempt: int
+    schedule: Any  # as the message has it
+    retries: Any  # the same, read (or, unreadable, as it came)
+    token: str
+    hostname: str | None
+    queue: str
+    started: float
+
+
+async def _run_chunk(chunk: _Chunk, runner: ChunkLoop, calls: list[dict[str, Any]]) -> int:
+    """The calls of ``chunk`` on ``runner``'s loop, ``pool_maxsize`` at a time, as the
+    threads run them; how many could not be recorded (the chunk is then handed back)."""
+    pending: Iterator[dict[str, Any]] = iter(calls)
+    handed_back = 0
+
+    async def worker() -> None:
+        nonlocal handed_back
+        for call in pending:
+            handed_back += await _run_in_batch_async(chunk, runner, call)
+
+    size = chunk.process.config.core.pool_maxsize
+    await asyncio.gather(*(worker() for _ in range(min(size, len(calls)))))
+    return handed_back
+
+
+async def _run_in_batch_async(chunk: _Chunk, runner: ChunkLoop, call: dict[str, Any]) -> bool:
+    """:func:`_run_in_batch` on the chunk's loop; ``True``: hand the chunk back."""
+    app, process = chunk.app, chunk.process
+    task_id = str(call.get("task_id") or "")
+    if not task_id or _out_of_time(process.config, call.get("timeout"), chunk.started):
+        return _not_run_here(app, call, task_id, chunk.attempt, chunk.schedule, chunk.queue)
+    delivery = Delivery(app, task_id, chunk.hostname, chunk.queue, settles=True)
+    with ride_on(runner.guard, call) as delivery.ride:
+        try:
+            retval = await dispatch_call_async(
+                delivery, runner, call, chunk.attempt, chunk.retries, chunk.token
+            )
+        except Ignore:  # it waits in the ledger, or it was a duplicate
+            return False
+        except Reject:  # the ledger could not record it
+            return True
+        except Exception as exc:  # its failure: stored as the single task's would be
+            state, value = "FAILURE", exc
+        else:
+            state, value = "SUCCESS", retval
+        ends = chunk.attempt if chunk.schedule is not None else None
+        try:
+            commands = _end_commands(delivery, process, state, value, ends)
+            if commands is None:  # stored already, one write at a time
+                return False
+            try:
+                replies: list[Any] | redis.RedisError = await runner.batch.run(
+                    commands, raise_errors=False
+                )
+            except redis.RedisError as exc:
+                replies = exc
+            _check_end(Ending(delivery, state, value, ends, None), process, replies)
+        except Exception as exc:
+            log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
+            return True
+        return False
 
 
 @dataclass(slots=True)
@@ -378,17 +553,25 @@ def _post_end(
     (:func:`_settled`) before its message is acknowledged. The guard's reports kept
     so far go with it (taken now: the ride may end before the pipeline is sent).
     """
-    writer, ledger, config = process.writer(delivery.app), process.ledger, process.config
-    if writer is None:  # only the backend can store it: now, one write at a time
-        _one_by_one(delivery, process, delivery.records or [], state, value, attempt)
+    commands = _end_commands(delivery, process, state, value, attempt)
+    if commands is None:
         return Ending(delivery, state, value, attempt, None)
+    return Ending(delivery, state, value, attempt, process.ledger.batch.post(commands))
+
+
+def _end_commands(
+    delivery: Delivery, process: _Process, state: str, value: Any, attempt: int | None
+) -> Commands | None:
+    """The writes of the call's end, for the ledger's next pipeline; ``None``: only the
+    result backend can store it, and it did, one write at a time."""
+    writer, ledger, config = process.writer(delivery.app), process.ledger, process.config
+    if writer is None:
+        _one_by_one(delivery, process, delivery.records or [], state, value, attempt)
+        return None
     stored = writer.encoded(delivery.task_id, value, state)
     ride = delivery.ride
     reports = [] if ride is None else ride.take_reports()
-    turn = ledger.batch.post(
-        lambda pipe: _queue_end(pipe, ledger, delivery, stored, attempt, config, reports)
-    )
-    return Ending(delivery, state, value, attempt, turn)
+    return lambda pipe: _queue_end(pipe, ledger, delivery, stored, attempt, config, reports)
 
 
 def _settled(ending: Ending, process: _Process) -> None:
@@ -398,12 +581,21 @@ def _settled(ending: Ending, process: _Process) -> None:
     """
     if ending.turn is None:  # stored already
         return
+    try:
+        replies: list[Any] | redis.RedisError = process.ledger.batch.replies(
+            ending.turn, raise_errors=False
+        )
+    except redis.RedisError as exc:
+        replies = exc
+    _check_end(ending, process, replies)
+
+
+def _check_end(ending: Ending, process: _Process, replies: list[Any] | redis.RedisError) -> None:
+    """What the end's ``replies`` (or its round trip's error) say; see :func:`_settled`."""
     delivery = ending.delivery
     task_id, records = delivery.task_id, delivery.records or []
-    try:
-        replies = process.ledger.batch.replies(ending.turn, raise_errors=False)
-    except redis.RedisError as exc:
-        log.warning("task %s: cannot write its end in one go (%s): one by one", task_id, exc)
+    if isinstance(replies, redis.RedisError):
+        log.warning("task %s: cannot write its end in one go (%s): one by one", task_id, replies)
     else:
         if records and any(isinstance(reply, Exception) for reply in replies[:-1]):
             log.warning("task %s: cannot record its attempt in the ledger", task_id)
@@ -475,37 +667,19 @@ def dispatch_call(
     A final failure raises :class:`CarriedError`; a call that waits in the ledger
     for its next attempt, and a duplicate, raise ``Ignore``; a wait the ledger
     could not record raises ``Reject`` (the message is handed back).
+    :func:`dispatch_call_async` is the same path on an event loop: the steps
+    are shared, only the take's round trip and the attempt are awaited there.
     """
-    task_id = delivery.task_id
     process = worker_process(delivery.app)
-    try:
-        spec = Call.from_dict({**call, "task_id": call.get("task_id") or task_id})
-        retries: RetrySchedule | None = schedule
-        if schedule is not None and not isinstance(schedule, RetrySchedule):
-            retries = RetrySchedule.from_dict(schedule)
-        process.config.check_deadline(spec.timeout)
-    except DispatchError as exc:
-        raise _carried(exc) from None
-    offset: int | None = 0
-    started_meta = {"pid": os.getpid(), "hostname": delivery.hostname}
-    started = None
+    spec, retries = _prepared(delivery, process, call, schedule)
+    started = offset = None
     if retries is not None:
         started = _started(delivery, process)
         offset = _take(process, delivery, attempt, token, started)
-    elif delivery.ride is not None:
-        delivery.ride.ahead = None  # no take to ride on: the dispatcher asks the guard
-    delivery.offset = offset
-    number = attempt + (offset or 0)  # a replayed call's attempts number on after the old
-    if started is None or offset is None:  # else the take stored it
-        _set_state(delivery, "STARTED", started_meta)
+    number = _begun(delivery, retries, attempt, offset, started)
     attempts: list[Attempt] = []
-    # With a schedule, a long wait for a slot at the origin defers the call instead (before
-    # the wait would outlast the call's timeout, a DispatchTimeout that spends an attempt).
-    config = process.config
-    wait_at_most = min(config.endpoint_wait, spec.timeout or config.core.timeout)
-    patience = contextlib.nullcontext() if retries is None else deferrable(wait_at_most)
     try:
-        with patience:
+        with _patience(process, spec, retries):
             retval = process.dispatcher.execute(spec, attempts=attempts)
     except DispatchError as exc:
         failure = exc
@@ -513,6 +687,86 @@ def dispatch_call(
         _record(delivery, process, _records(delivery, attempts, number))
         return retval
     raise _failed(delivery, process, spec, retries, attempt, number, failure, attempts)
+
+
+async def dispatch_call_async(
+    delivery: Delivery,
+    runner: ChunkLoop,
+    call: dict[str, Any],
+    attempt: int,
+    schedule: Any,
+    token: str,
+) -> Any:
+    """:func:`dispatch_call` on ``runner``'s event loop, with its AsyncDispatcher."""
+    process = worker_process(delivery.app)
+    spec, retries = _prepared(delivery, process, call, schedule)
+    started = offset = None
+    if retries is not None:
+        started = _started(delivery, process)
+        commands = _take_commands(process, delivery, attempt, token, started)
+        try:
+            replies: list[Any] | redis.RedisError = await runner.batch.run(
+                commands, raise_errors=False
+            )
+        except redis.RedisError as exc:
+            replies = exc
+        offset = _taken(delivery, attempt, replies)
+    number = _begun(delivery, retries, attempt, offset, started)
+    attempts: list[Attempt] = []
+    try:
+        with _patience(process, spec, retries):
+            retval = await runner.dispatcher.execute(spec, attempts=attempts)
+    except DispatchError as exc:
+        failure = exc
+    else:
+        _record(delivery, process, _records(delivery, attempts, number))
+        return retval
+    raise _failed(delivery, process, spec, retries, attempt, number, failure, attempts)
+
+
+def _prepared(
+    delivery: Delivery, process: _Process, call: dict[str, Any], schedule: Any
+) -> tuple[Call, RetrySchedule | None]:
+    """The call and its schedule, read and checked; unreadable, the call's end (raised)."""
+    try:
+        spec = Call.from_dict({**call, "task_id": call.get("task_id") or delivery.task_id})
+        retries: RetrySchedule | None = schedule
+        if schedule is not None and not isinstance(schedule, RetrySchedule):
+            retries = RetrySchedule.from_dict(schedule)
+        process.config.check_deadline(spec.timeout)
+    except DispatchError as exc:
+        raise _carried(exc) from None
+    return spec, retries
+
+
+def _begun(
+    delivery: Delivery,
+    retries: RetrySchedule | None,
+    attempt: int,
+    offset: int | None,
+    started: Stored | None,
+) -> int:
+    """The attempt is this message's to make: ``STARTED`` shown (unless the take stored
+    it), and the attempt's number in the call (a replayed call's go on after the old)."""
+    if retries is None:
+        offset = 0
+        if delivery.ride is not None:
+            delivery.ride.ahead = None  # no take to ride on: the dispatcher asks the guard
+    delivery.offset = offset
+    if started is None or offset is None:  # else the take stored it
+        _set_state(delivery, "STARTED", {"pid": os.getpid(), "hostname": delivery.hostname})
+    return attempt + (offset or 0)
+
+
+def _patience(
+    process: _Process, spec: Call, retries: RetrySchedule | None
+) -> contextlib.AbstractContextManager[None]:
+    """With a schedule, a long wait for a slot at the origin defers the call instead (before
+    the wait would outlast the call's timeout, a DispatchTimeout that spends an attempt)."""
+    if retries is None:
+        return contextlib.nullcontext()
+    config = process.config
+    return deferrable(min(config.endpoint_wait, spec.timeout or config.core.timeout))
 
 
 def _ignore() -> Exception:
@@ -673,6 +927,19 @@ def _take(
     by the endpoint guard is asked for in the same round trip (``delivery.ride``).
     A duplicate is dropped here (``Ignore``).
     """
+    commands = _take_commands(process, delivery, attempt, token, started)
+    try:
+        replies: list[Any] | redis.RedisError = process.ledger.batch.run(
+            commands, raise_errors=False
+        )
+    except redis.RedisError as exc:
+        replies = exc
+    return _taken(delivery, attempt, replies)
+
+
+def _take_commands(
+    process: _Process, delivery: Delivery, attempt: int, token: str, started: Stored | None
+) -> Commands:
     task_id, ledger, ride = delivery.task_id, process.ledger, delivery.ride
 
     def commands(pipe: Pipeline) -> None:
@@ -680,8 +947,16 @@ def _take(
         if ride is not None:
             ride.queue_admission(pipe)
 
+    return commands
+
+
+def _taken(delivery: Delivery, attempt: int, replies: list[Any] | redis.RedisError) -> int | None:
+    """What the take's ``replies`` (or the error of its round trip) say: see :func:`_take`."""
+    task_id, ride = delivery.task_id, delivery.ride
     try:
-        took, *admitted = ledger.batch.run(commands, raise_errors=False)
+        if isinstance(replies, redis.RedisError):
+            raise replies
+        took, *admitted = replies
         if ride is not None and admitted:  # nothing queued when nothing was to be asked
             ride.admitted(admitted[0])
         if isinstance(took, Exception):
