@@ -137,6 +137,21 @@ def test_a_failed_call_retries_alone_while_its_chunk_mates_complete(
     assert received(worker, TASK_NAME).count(flaky.id) == 1  # the second attempt, alone
 
 
+def test_calls_without_a_schedule_run_in_chunks_once_each(
+    worker: Worker, durable: Callable[..., Dispatcher], ledger: Ledger, peer: str
+) -> None:
+    d = durable(retry_schedule=None)
+    results: list[Any] = d.submit_many(f"{peer}/multiply", [{"x": i, "y": 3} for i in range(30)])
+    results += d.submit_many(f"{peer}/status/503", [{"n": 1}])
+    assert [r.get() for r in results[:-1]] == [3 * i for i in range(30)]
+    with pytest.raises(HTTPStatusError) as caught:
+        results[-1].get()
+    assert caught.value.status == 503  # one attempt, no wait: nothing in the ledger
+    assert results[-1].state == states.FAILURE
+    assert [a.outcome for a in results[-1].attempts] == ["503"]
+    assert ledger.client.exists(ledger.call_key(results[-1].id)) == 0
+
+
 def test_a_call_whose_schedule_runs_out_is_a_dead_letter(
     worker: Worker, durable: Callable[..., Dispatcher], peer: str
 ) -> None:
