@@ -76,19 +76,17 @@ class StateWriter:
         process, so it is encoded once, for a stand-in id, and each task's id
         takes the stand-in's place; an id that JSON would escape is encoded in full.
         """
+        meta = {"pid": os.getpid(), "hostname": hostname}
+        if not _PLAIN_ID.fullmatch(task_id):
+            return self.encoded(task_id, meta, celery_states.STARTED)
         found = self._started.get(hostname)
         if found is None:
             stand_in = f"dispatchkit-started-{uuid.uuid4().hex}"
-            meta = {"pid": os.getpid(), "hostname": hostname}
             found = self._started[hostname] = (
                 stand_in,
                 self.encoded(stand_in, meta, celery_states.STARTED),
             )
         stand_in, stored = found
-        if not _PLAIN_ID.fullmatch(task_id):
-            return self.encoded(
-                task_id, {"pid": os.getpid(), "hostname": hostname}, celery_states.STARTED
-            )
         payload = stored.payload
         if isinstance(payload, bytes):
             payload = payload.replace(stand_in.encode(), task_id.encode())

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -358,23 +359,23 @@ def http_dispatch_batch(
         with contextlib.suppress(DispatchError):
             retries = RetrySchedule.from_dict(schedule)
 
+    chunk = _Chunk(task.app, process, attempt, schedule, retries, token, hostname, queue,
+                   started)  # fmt: skip
     runner = process.runner(task.app)
     if runner is not None:
-        chunk = _Chunk(task.app, process, attempt, schedule, retries, token, hostname, queue,
-                       started)  # fmt: skip
-        handed_back = runner.run(
-            _run_chunk(chunk, runner, calls), process.config.visibility_timeout
-        )
-        if handed_back:
-            raise Reject(f"{handed_back} call(s) of the chunk could not be recorded", requeue=True)
-        return
+        bound = process.config.visibility_timeout
+        handed_back = runner.run(_run_chunk(chunk, runner, calls), bound)
+    else:
+        handed_back = _run_on_threads(chunk, calls)
+    if handed_back:
+        raise Reject(f"{handed_back} call(s) of the chunk could not be recorded", requeue=True)
 
-    def one(call: dict[str, Any]) -> bool | Ending:
-        return _run_in_batch(task.app, process, call, attempt, schedule, retries, token,
-                             hostname, queue, started)  # fmt: skip
 
+def _run_on_threads(chunk: _Chunk, calls: list[dict[str, Any]]) -> int:
+    """The calls of ``chunk`` on the process's threads; how many could not be recorded."""
+    process = chunk.process
     handed_back = 0
-    for outcome in list(process.threads.map(one, calls)):
+    for outcome in list(process.threads.map(functools.partial(_run_in_batch, chunk), calls)):
         if isinstance(outcome, Ending):  # its end was posted: did it go in?
             try:
                 _settled(outcome, process)
@@ -384,34 +385,20 @@ def http_dispatch_batch(
                 handed_back += 1
         else:
             handed_back += outcome
-    if handed_back:
-        raise Reject(f"{handed_back} call(s) of the chunk could not be recorded", requeue=True)
+    return handed_back
 
 
-def _run_in_batch(
-    app: celery.Celery,
-    process: _Process,
-    call: dict[str, Any],
-    attempt: int,
-    schedule: Any,
-    retries: Any,
-    token: str,
-    hostname: str | None,
-    queue: str,
-    started: float,
-) -> bool | Ending:
+def _run_in_batch(chunk: _Chunk, call: dict[str, Any]) -> bool | Ending:
     """One call of a chunk, as its own message would run it; ``True``: hand the chunk back,
-    an :class:`Ending`: the call's end, posted (the chunk checks it).
-
-    ``schedule`` is the message's, ``retries`` the same read (or, unreadable, as it came).
-    """
+    an :class:`Ending`: the call's end, posted (the chunk checks it)."""
+    app, process = chunk.app, chunk.process
     task_id = str(call.get("task_id") or "")
-    if not task_id or _out_of_time(process.config, call.get("timeout"), started):
-        return _not_run_here(app, call, task_id, attempt, schedule, queue)
-    delivery = Delivery(app, task_id, hostname, queue, settles=True)
+    if not task_id or _out_of_time(process.config, call.get("timeout"), chunk.started):
+        return _not_run_here(app, call, task_id, chunk.attempt, chunk.schedule, chunk.queue)
+    delivery = Delivery(app, task_id, chunk.hostname, chunk.queue, settles=True)
     with process.ride(call) as delivery.ride:
         try:
-            retval = dispatch_call(delivery, call, attempt, retries, token)
+            retval = dispatch_call(delivery, call, chunk.attempt, chunk.retries, chunk.token)
         except Ignore:  # it waits in the ledger, or it was a duplicate
             return False
         except Reject:  # the ledger could not record it
@@ -421,9 +408,7 @@ def _run_in_batch(
         else:
             state, value = "SUCCESS", retval
         try:
-            return _post_end(
-                delivery, process, state, value, attempt if schedule is not None else None
-            )
+            return _post_end(delivery, process, state, value, chunk.ends)
         except Exception as exc:
             log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
             return True
@@ -467,6 +452,11 @@ class _Chunk:
     queue: str
     started: float
 
+    @property
+    def ends(self) -> int | None:
+        """The attempt a call's end marks done in the ledger; ``None``: no schedule, no ledger."""
+        return self.attempt if self.schedule is not None else None
+
 
 async def _run_chunk(chunk: _Chunk, runner: ChunkLoop, calls: list[dict[str, Any]]) -> int:
     """The calls of ``chunk`` on ``runner``'s loop, ``pool_maxsize`` at a time, as the
@@ -504,7 +494,7 @@ async def _run_in_batch_async(chunk: _Chunk, runner: ChunkLoop, call: dict[str, 
             state, value = "FAILURE", exc
         else:
             state, value = "SUCCESS", retval
-        ends = chunk.attempt if chunk.schedule is not None else None
+        ends = chunk.ends
         try:
             commands = _end_commands(delivery, process, state, value, ends)
             if commands is None:  # stored already, one write at a time
