@@ -12,6 +12,8 @@ threads. Real Redis, database 4 (this module's own); no worker process.
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import threading
 import time
@@ -30,7 +32,7 @@ from dispatchkit_celery._app import make_app
 from dispatchkit_celery._coalesce import Coalescer
 from dispatchkit_celery._executor import CeleryResult
 from dispatchkit_celery._ledger import Ledger
-from dispatchkit_celery._results import StateWriter, state_writer
+from dispatchkit_celery._results import StateWriter, read_meta, state_writer
 from dispatchkit_celery._wire import CarriedError, Waiting
 from dispatchkit_celery.testing import REDIS_URL
 
@@ -223,6 +225,78 @@ def test_a_waiting_get_wakes_on_the_publish(app: celery.Celery, ledger: Ledger, 
     write(ledger, writer_of(app, url), ours, {"retval": 7}, states.SUCCESS)
     waiter.join(25)
     assert got == [{"retval": 7}]
+
+
+ODD_VALUES: list[tuple[str, Any]] = [
+    *VALUES,
+    (states.SUCCESS, 'a "quoted" \u00e9 \\ dispatchkit-slot-result'),  # escapes; a slot's name
+    (states.SUCCESS, {"dispatchkit-slot-id": ["dispatchkit-slot-date"], "n": -1.5e300}),
+    (states.SUCCESS, [True, False, 2**70, "", {}]),
+    (states.FAILURE, CarriedError('{"type": "DispatchTimeout", "message": "\\"late\\""}')),
+    ("RETRY", Waiting(1.5, 2)),
+]
+
+
+@pytest.mark.parametrize("task_id", ["t-1", uuid.uuid4().hex, 'odd "id" \u00e9', "a:b.c/d"])
+@pytest.mark.parametrize(("state", "value"), ODD_VALUES)
+def test_each_state_is_encoded_once_then_filled_to_celerys_bytes(
+    app: celery.Celery, url: str, task_id: str, state: str, value: Any
+) -> None:
+    """The meta around a value is encoded once per state and process; each call's
+    value, date and id fill it. The bytes are those of Celery's own meta and encoding."""
+    writer = writer_of(app, url)
+    date = "2026-11-29T08:00:00.123456+00:00" if state in states.READY_STATES else None
+    for _ in range(2):  # the first call makes the state's template, the second fills it
+        mine = writer.encoded(task_id, value, state, date)
+        assert mine == writer.encoded_by_celery(task_id, value, state, date)
+    assert app.backend.decode(mine.payload)["task_id"] == task_id
+
+
+def test_a_ready_state_is_dated_by_the_clock_in_the_apps_timezone(
+    app: celery.Celery, url: str
+) -> None:
+    before = app.now()
+    stored = writer_of(app, url).encoded(str(uuid.uuid4()), 100, states.SUCCESS)
+    done = app.backend.decode(stored.payload)["date_done"]
+    assert done.endswith(before.isoformat()[-6:])  # the same UTC offset as app.now()
+    assert before.isoformat() <= done <= app.now().isoformat()
+
+
+STORED_BY_CELERY: list[tuple[str, Any]] = [
+    (states.SUCCESS, {"__type__": "datetime", "__value__": "2026-11-29T08:00:00"}),
+    (states.SUCCESS, datetime.datetime(2026, 11, 29, 8, 0, tzinfo=datetime.timezone.utc)),
+    (states.SUCCESS, float("nan")),  # JSON that orjson refuses
+    (states.SUCCESS, 2**80),
+    (states.SUCCESS, "\ud800"),  # a lone surrogate
+    (states.SUCCESS, {"k": [1.1, -0.0, 1e-310]}),
+    (states.FAILURE, CarriedError('{"type": "HTTPStatusError", "message": "503"}')),
+    ("REVOKED", None),
+]
+
+
+@pytest.mark.parametrize(("state", "value"), [*ODD_VALUES, *STORED_BY_CELERY])
+@pytest.mark.parametrize("writer", ["dispatchkit", "celery"])
+def test_a_result_reads_as_celerys_get_task_meta_reads_it(
+    app: celery.Celery, ledger: Ledger, url: str, writer: str, state: str, value: Any
+) -> None:
+    """``read_meta`` (a success parsed with orjson) is ``get_task_meta``, whoever stored it."""
+    task_id = str(uuid.uuid4())
+    if writer == "dispatchkit":
+        write(ledger, writer_of(app, url), task_id, value, state)
+    else:
+        celery_store(app, task_id, value, state)
+    mine, celerys = read_meta(app.backend, task_id), app.backend.get_task_meta(task_id)
+    if isinstance(celerys["result"], BaseException):  # rebuilt anew by each read
+        assert (type(mine["result"]), mine["result"].args) == (
+            type(celerys["result"]),
+            celerys["result"].args,
+        )
+        mine["result"] = celerys["result"]
+    if isinstance(value, float) and math.isnan(value):
+        assert math.isnan(mine.pop("result"))
+        assert math.isnan(celerys.pop("result"))
+    assert mine == celerys
+    assert read_meta(app.backend, str(uuid.uuid4())) == app.backend.get_task_meta("nobody")
 
 
 def test_take_stores_started_only_when_the_message_runs_the_attempt(

@@ -29,6 +29,7 @@ from dispatchkit_celery._config import (
 )
 from dispatchkit_celery._dead_letters import DeadLetters, ledger_errors
 from dispatchkit_celery._ledger import Ledger
+from dispatchkit_celery._results import read_meta
 from dispatchkit_celery._schedule import RetrySchedule
 from dispatchkit_celery._wire import CarriedError, Waiting, send_call, send_chunk
 
@@ -124,7 +125,8 @@ class CeleryResult:
         """Wait for the retval; without ``timeout``, at most ``celery_get_timeout`` seconds.
 
         A broker with no worker would otherwise make ``get()`` wait forever. The
-        state is read from the backend (``get_task_meta``, one read each time),
+        state is read from the backend (``get_task_meta``, one read each time, a
+        success parsed with less work: ``read_meta``),
         every :data:`FIRST_POLL` seconds at first, then twice as long each time
         up to :data:`MAX_POLL`, as Celery itself polls backends that cannot
         push: nothing subscribes to the result, so nothing is left to drain when
@@ -157,7 +159,7 @@ class CeleryResult:
         deadline = time.monotonic() + wait
         pause = FIRST_POLL
         while True:
-            meta: dict[str, Any] = backend.get_task_meta(self.id)
+            meta = read_meta(backend, self.id)
             if meta.get("status") in backend.READY_STATES:
                 return meta
             left = deadline - time.monotonic()
