@@ -30,6 +30,7 @@ from conftest import peer_stats
 from dispatchkit import Call, Dispatcher, HTTPStatusError, UsageError, states
 from support import celery_env
 from support.celery_env import ledger_on, redis_db
+from support.node_peer import node_peer
 
 #: The test suite's Redis, database 6: this module's own.
 URL = urlunsplit(urlsplit(REDIS_URL)._replace(path="/6"))
@@ -214,3 +215,46 @@ def test_a_chunk_starts_a_call_only_if_it_ends_within_the_visibility_timeout() -
         "amqp://127.0.0.1//", {"timeout": 10, "delivery_redis": "redis://127.0.0.1:6379/6"}
     )
     assert not _out_of_time(rabbit, None, now - 1000)
+
+
+def _overlap(spans: list[tuple[float, float]]) -> int:
+    """The most of ``spans`` (start, end) under way at one moment."""
+    return max(sum(start <= at < end for start, end in spans) for at, _ in spans)
+
+
+def test_a_slow_receiver_holds_back_its_own_calls_of_a_chunk_and_no_others(
+    redis_url: str, make_dispatcher: Any, peer: str
+) -> None:
+    """One chunk of calls to two receivers (``submit_calls``), on the event loop: at most
+    ``pool_maxsize`` calls to one origin at once, held before their attempt starts, and
+    up to ``chunk_concurrency`` in all. Four slow calls first in the chunk run two at a
+    time; the four calls to the other receiver behind them run meanwhile (pulled one
+    origin-blind line at a time, they would wait for the slow ones)."""
+    queue = f"dispatchkit-fanout-origins-{uuid.uuid4().hex[:8]}"
+    settings = {**SETTINGS, "chunk_runner": "asyncio", "pool_maxsize": 2, "chunk_concurrency": 8}
+    with (
+        celery_worker(queue, concurrency=1, url=redis_url, worker_settings=settings) as running,
+        node_peer() as other,
+    ):
+        d: Dispatcher = make_dispatcher(
+            executor="celery", celery_broker=URL, celery_queue=queue,
+            celery_get_timeout=PATIENCE, retry_jitter=0,
+        )  # fmt: skip
+        calls = [Call(f"{peer}/slow", "GET", {"delay": 1000, "n": i}) for i in range(4)]
+        calls += [Call(f"{other}/echo", "GET", {"n": i}) for i in range(4)]
+        results: list[Any] = d.submit_calls(calls)
+        assert [r.get() for r in results[:4]] == [1000] * 4
+        assert [r.get()["args"] for r in results[4:]] == [{"n": str(i)} for i in range(4)]
+        assert len(received(running, BATCH_TASK_NAME)) == 1  # one chunk, both receivers
+        assert any("up to 8 calls of a chunk at a time, 2 per origin" in x for x in running.log)
+    slow = [(a.started, a.started + a.duration) for r in results[:4] for a in r.attempts]
+    fast = [(a.started, a.started + a.duration) for r in results[4:] for a in r.attempts]
+    assert len(slow) == len(fast) == 4  # one attempt each
+    assert _overlap(slow) == 2  # pool_maxsize to the slow origin, and no more
+    assert max(end for _, end in fast) < min(end for _, end in slow)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "8", 1001])
+def test_a_bad_chunk_concurrency_is_a_usage_error(value: object) -> None:
+    with pytest.raises(UsageError, match="chunk_concurrency"):
+        WorkerConfig.from_settings(URL, {"chunk_concurrency": value})

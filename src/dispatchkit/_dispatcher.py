@@ -160,10 +160,33 @@ class Dispatcher:
         (the Celery executor sends them in chunks, one message each); any other
         gets them one by one through ``submit``.
         """
-        checked = [
-            self._checked(Call(url, method, kwargs, new_task_id(), timeout, headers, json, options))
+        return self.submit_calls(
+            Call(url, method, kwargs, new_task_id(), timeout, headers, json, options)
             for kwargs in calls
-        ]
+        )
+
+    def submit_calls(self, calls: Iterable[Call]) -> list[Result]:
+        """Start every :class:`~dispatchkit.Call` of ``calls``; their handles, in order.
+
+        Each call has its own URL, method, arguments, task id (a new one where
+        it has none) and options: one event to many receivers goes as one batch.
+        Every call is checked here before any is queued (a task id given twice
+        is a ``UsageError``): a bad one raises and none is sent. An executor
+        with a ``submit_many`` method takes them all at once (the Celery
+        executor sends them in chunks, one message each); any other gets them
+        one by one through ``submit``.
+        """
+        checked: list[Call] = []
+        ids: set[str] = set()
+        for call in calls:
+            if not isinstance(call, Call):
+                raise UsageError(f"submit_calls takes dispatchkit.Call objects, got {call!r}")
+            if not call.task_id:
+                call = replace(call, task_id=new_task_id())
+            elif call.task_id in ids:
+                raise UsageError(f"task id {call.task_id!r} is given to two calls of one batch")
+            ids.add(call.task_id)
+            checked.append(self._checked(call))
         executor = self._get_executor()
         many = getattr(executor, "submit_many", None)
         if many is None:

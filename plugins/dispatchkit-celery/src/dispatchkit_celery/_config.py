@@ -45,7 +45,7 @@ IN_PROCESS_RETRY = ("retry_attempts", "retry_max_time", "retry_backoff", "retry_
 #: Worker settings that are the worker's own, not its Dispatcher's.
 WORKER_ONLY = frozenset({"delivery_redis", "visibility_timeout", "delivery_poll_interval",
                          "delivery_claim_lease", "attempts_ttl", "dead_letter_ttl",
-                         "endpoint_wait", "chunk_runner"})  # fmt: skip
+                         "endpoint_wait", "chunk_runner", "chunk_concurrency"})  # fmt: skip
 #: Seconds the records of a call's attempts are kept after its last attempt: 7 days.
 DEFAULT_ATTEMPTS_TTL = 7 * 24 * 3600.0
 #: Seconds a dead letter is kept unless replayed or purged first: 30 days.
@@ -56,6 +56,10 @@ ENDPOINT_DEFAULTS: Mapping[str, Any] = {"circuit_breaker": True, "disable_on_gon
 #: How a worker process runs a chunk's calls: on an event loop with the AsyncDispatcher
 #: (needs ``dispatchkit[async]``; without it, threads), or on ``pool_maxsize`` threads.
 CHUNK_RUNNERS = ("asyncio", "threads")
+#: On the event loop: calls of a chunk in flight at once, whatever their origins (each
+#: origin's calls are held at ``pool_maxsize`` before their attempt starts).
+DEFAULT_CHUNK_CONCURRENCY = 100
+MAX_CHUNK_CONCURRENCY = 1000
 #: Seconds a worker process waits for a rate limit's token or an in-flight slot before it
 #: defers the call through the delivery ledger (a call with a durable schedule).
 DEFAULT_ENDPOINT_WAIT = 1.0
@@ -107,6 +111,8 @@ class WorkerConfig:
     endpoint_wait: float = DEFAULT_ENDPOINT_WAIT
     #: How a chunk's calls run: one of :data:`CHUNK_RUNNERS`.
     chunk_runner: str = "asyncio"
+    #: On the event loop, calls of a chunk in flight at once over all their origins.
+    chunk_concurrency: int = DEFAULT_CHUNK_CONCURRENCY
     #: The core settings of ``dispatcher``, checked.
     core: Settings = field(init=False, repr=False, compare=False)
 
@@ -155,6 +161,16 @@ class WorkerConfig:
             raise UsageError(
                 f"worker setting 'chunk_runner' must be one of {', '.join(CHUNK_RUNNERS)}, "
                 f"got {self.chunk_runner!r}"
+            )
+        concurrency = self.chunk_concurrency
+        if (
+            isinstance(concurrency, bool)
+            or not isinstance(concurrency, int)
+            or not 1 <= concurrency <= MAX_CHUNK_CONCURRENCY
+        ):
+            raise UsageError(
+                "worker setting 'chunk_concurrency' must be a whole number from 1 to "
+                f"{MAX_CHUNK_CONCURRENCY}, got {concurrency!r}"
             )
         if self.delivery_redis is not None and not (
             isinstance(self.delivery_redis, str) and is_redis(self.delivery_redis)

@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import celery
 import redis
@@ -214,8 +215,11 @@ class ChunkLoop:
             raise
         self.batch = LoopBatch(process.ledger.batch)
         self.guard = process.riding_guard(self.dispatcher)
-        size = process.config.core.pool_maxsize
-        log.info("chunks run on an event loop, %d calls of a chunk at a time", size)
+        config = process.config
+        log.info(
+            "chunks run on an event loop, up to %d calls of a chunk at a time, %d per origin",
+            config.chunk_concurrency, config.core.pool_maxsize,
+        )  # fmt: skip
 
     def run(self, work: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``work`` on the loop; cancelled, and Celery's ``Reject`` (requeue) after
@@ -459,19 +463,45 @@ class _Chunk:
 
 
 async def _run_chunk(chunk: _Chunk, runner: ChunkLoop, calls: list[dict[str, Any]]) -> int:
-    """The calls of ``chunk`` on ``runner``'s loop, ``pool_maxsize`` at a time, as the
-    threads run them; how many could not be recorded (the chunk is then handed back)."""
-    pending: Iterator[dict[str, Any]] = iter(calls)
-    handed_back = 0
+    """The calls of ``chunk`` on ``runner``'s loop; how many could not be recorded (the
+    chunk is then handed back).
 
-    async def worker() -> None:
-        nonlocal handed_back
+    Up to ``chunk_concurrency`` calls are in flight, at most ``pool_maxsize`` of them
+    to one origin, each origin's in the chunk's order: a call waits for its origin's
+    turn before its attempt starts, never inside it, so a slow receiver holds back
+    its own calls and no others.
+    """
+    config = chunk.process.config
+    slots = asyncio.Semaphore(config.chunk_concurrency)
+    by_origin: dict[str, list[dict[str, Any]]] = {}
+    for call in calls:
+        by_origin.setdefault(_origin(call.get("url")), []).append(call)
+
+    async def puller(pending: Iterator[dict[str, Any]]) -> int:
+        handed_back = 0
         for call in pending:
-            handed_back += await _run_in_batch_async(chunk, runner, call)
+            async with slots:
+                handed_back += await _run_in_batch_async(chunk, runner, call)
+        return handed_back
 
-    size = chunk.process.config.core.pool_maxsize
-    await asyncio.gather(*(worker() for _ in range(min(size, len(calls)))))
-    return handed_back
+    pullers = []
+    for group in by_origin.values():
+        pending = iter(group)  # shared by the origin's pullers
+        pullers += [puller(pending) for _ in range(min(config.core.pool_maxsize, len(group)))]
+    return sum(await asyncio.gather(*pullers))
+
+
+def _origin(url: Any) -> str:
+    """``scheme://host:port`` of ``url``, lower-cased; ``""`` for what is not a URL (the
+    call itself will say what is wrong with it)."""
+    if not isinstance(url, str):
+        return ""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return ""
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port or ''}"
 
 
 async def _run_in_batch_async(chunk: _Chunk, runner: ChunkLoop, call: dict[str, Any]) -> bool:
