@@ -640,6 +640,10 @@ def test_a_guard_that_is_not_one_is_a_usage_error(new_client: MakeClient) -> Non
         ("https://u:secret@api.example.com", "https://api.example.com:443", None),
         ("http://127.0.0.1:8080/t", "http://127.0.0.1:8080", "http://127.0.0.1:8080/t"),
         ("http://[::1]:81/t?q", "http://[::1]:81", "http://[::1]:81/t"),
+        ("http://h/p#f?x=1/2", "http://h:80", "http://h:80/p"),  # the "?" is the fragment's
+        ("http://H?next=/a/b", "http://h:80", None),  # the "/" is the query's
+        ("http://h/a?x=1", "http://h:80", "http://h:80/a"),  # cached for the URL without query
+        ("http://h/a?x=2", "http://h:80", "http://h:80/a"),
     ],
 )
 def test_origins_and_endpoints_are_normalized(url: str, origin: str, endpoint: str | None) -> None:

@@ -13,6 +13,7 @@ threads. Real Redis, database 4 (this module's own); no worker process.
 from __future__ import annotations
 
 import datetime
+import decimal
 import math
 import os
 import threading
@@ -234,6 +235,10 @@ ODD_VALUES: list[tuple[str, Any]] = [
     (states.SUCCESS, [True, False, 2**70, "", {}]),
     (states.FAILURE, CarriedError('{"type": "DispatchTimeout", "message": "\\"late\\""}')),
     ("RETRY", Waiting(1.5, 2)),
+    # Types JSON lacks, which kombu's encoder writes (tagged, or as text).
+    (states.SUCCESS, [datetime.datetime(2026, 11, 29, 8, 0, tzinfo=datetime.timezone.utc)]),
+    (states.SUCCESS, {"id": uuid.UUID(int=7), "amount": decimal.Decimal("1.10")}),
+    (states.SUCCESS, float("inf")),
 ]
 
 

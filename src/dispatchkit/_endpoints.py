@@ -11,6 +11,7 @@ guard is :class:`dispatchkit.builtin.endpoints.MemoryGuard`.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -141,6 +142,14 @@ def endpoint_key(url: str) -> tuple[str, str]:
     query and fragment dropped. A URL without a host or with a bad port is a
     :class:`UsageError`.
     """
+    # Neither part depends on the query or the fragment: a fan-out's URLs, which
+    # differ in their query only, share one cached answer.
+    cut = min(i for i in (url.find("?"), url.find("#"), len(url)) if i >= 0)
+    return _endpoint_key(url[:cut])
+
+
+@functools.lru_cache(maxsize=1024)
+def _endpoint_key(url: str) -> tuple[str, str]:
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -15,6 +15,7 @@ other backend gets ``store_result`` (:func:`state_writer` returns ``None``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -125,7 +126,7 @@ class StateWriter:
         if template is None:
             payload = self._payload(task_id, result, state, date_done)
         else:
-            payload = template.filled(backend.encode(result), date_done, task_id)
+            payload = template.filled(_fragment(backend, result), date_done, task_id)
         return self._stored(task_id, payload, state)
 
     def encoded_by_celery(
@@ -155,6 +156,17 @@ class StateWriter:
         if state == celery_states.FAILURE:  # result_failure_expires, where Celery has it
             seconds = getattr(backend, "failure_expires", seconds)
         return Stored(backend.get_key_for_task(task_id), payload, int(seconds or 0))
+
+
+def _fragment(backend: RedisBackend, value: Any) -> str:
+    """``value`` as the backend's JSON writes it. Kombu's JSON is the standard library's
+    with a ``default`` for the types JSON lacks (datetime, UUID, Decimal, bytes, ...):
+    a value of plain JSON types is written by the standard library alone, to the same
+    text, and any other by kombu."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(backend.encode(value))
 
 
 #: Stand-ins for a template's slots: the value (any JSON), the date and the id (strings).
