@@ -118,6 +118,28 @@ def test_250_calls_in_3_messages(
     assert on_a_loop == (worker.chunk_runner == "asyncio")  # type: ignore[attr-defined]
 
 
+def test_the_results_of_a_batch_are_read_in_bulk(
+    worker: Worker, durable: Callable[..., Dispatcher], peer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a batch's calls are done, reading their 200 results takes four MGETs (16, 32,
+    64, then the 88 left), each result asked for once: not a read each."""
+    d = durable()
+    results: list[Any] = d.submit_many(f"{peer}/multiply", [{"x": i, "y": 2} for i in range(200)])
+    assert eventually(lambda: results[-1].ready() and all(r.ready() for r in results))
+    client = d._get_executor().app.backend.client  # type: ignore[attr-defined]
+    reads: list[tuple[str, int]] = []
+    for name in ("get", "mget"):
+        real = getattr(client, name)
+
+        def counted(keys: Any, *args: Any, _real: Any = real, _name: str = name) -> Any:
+            reads.append((_name, len(keys) if _name == "mget" else 1))
+            return _real(keys, *args)
+
+        monkeypatch.setattr(client, name, counted)
+    assert [r.get() for r in results] == [2 * i for i in range(200)]
+    assert reads == [("mget", 16), ("mget", 32), ("mget", 64), ("mget", 88)]  # each once
+
+
 def test_a_failed_call_retries_alone_while_its_chunk_mates_complete(
     worker: Worker, durable: Callable[..., Dispatcher], ledger: Ledger, peer: str
 ) -> None:

@@ -33,7 +33,7 @@ from dispatchkit_celery._app import make_app
 from dispatchkit_celery._coalesce import Coalescer
 from dispatchkit_celery._executor import CeleryResult
 from dispatchkit_celery._ledger import Ledger
-from dispatchkit_celery._results import StateWriter, read_meta, state_writer
+from dispatchkit_celery._results import ReadAhead, StateWriter, read_meta, state_writer
 from dispatchkit_celery._wire import CarriedError, Waiting
 from dispatchkit_celery.testing import REDIS_URL
 
@@ -302,6 +302,49 @@ def test_a_result_reads_as_celerys_get_task_meta_reads_it(
         assert math.isnan(celerys.pop("result"))
     assert mine == celerys
     assert read_meta(app.backend, str(uuid.uuid4())) == app.backend.get_task_meta("nobody")
+
+
+def _counting_mgets(app: celery.Celery, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each MGET the backend's client sends from now on."""
+    client = app.backend.client
+    sizes: list[int] = []
+    mget = client.mget
+
+    def counted(keys: list[Any], *args: Any) -> Any:
+        sizes.append(len(keys))
+        return mget(keys, *args)
+
+    monkeypatch.setattr(client, "mget", counted)
+    return sizes
+
+
+def test_a_batch_is_read_ahead_in_bulk_as_get_task_meta_reads_each(
+    app: celery.Celery, ledger: Ledger, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """60 of 100 results done (one a failure): each reads as ``get_task_meta`` reads it,
+    the successes read ahead in a few MGETs; the rest read as not done, then as done
+    once they are."""
+    writer = writer_of(app, url)
+    ids = [str(uuid.uuid4()) for _ in range(100)]
+    for n, task_id in enumerate(ids[:60]):
+        state, value = (states.FAILURE, CarriedError("{}")) if n == 30 else (states.SUCCESS, n)
+        write(ledger, writer, task_id, value, state)
+    batch = ReadAhead(app.backend, ids)
+    sizes = _counting_mgets(app, monkeypatch)
+    for task_id in ids[:60]:
+        mine, celerys = batch.meta(task_id), app.backend.get_task_meta(task_id)
+        assert mine is not None
+        if celerys["status"] == states.FAILURE:
+            assert type(mine["result"]) is type(celerys["result"]) is CarriedError
+            mine["result"] = celerys["result"]
+        assert mine == celerys
+    assert len(sizes) <= 6  # 16, 32, 64 at a time: not one read per result
+    assert sum(sizes) < 200
+    waiting = batch.meta(ids[60])
+    assert waiting == {"status": states.PENDING, "result": None}
+    write(ledger, writer, ids[60], "late", states.SUCCESS)
+    assert batch.meta(ids[60]) == app.backend.get_task_meta(ids[60])  # read again, done now
+    assert batch.meta(str(uuid.uuid4())) is None  # not of this batch: read alone
 
 
 def test_take_stores_started_only_when_the_message_runs_the_attempt(

@@ -29,7 +29,7 @@ from dispatchkit_celery._config import (
 )
 from dispatchkit_celery._dead_letters import DeadLetters, ledger_errors
 from dispatchkit_celery._ledger import Ledger
-from dispatchkit_celery._results import read_meta
+from dispatchkit_celery._results import ReadAhead, lean, read_meta
 from dispatchkit_celery._schedule import RetrySchedule
 from dispatchkit_celery._wire import CarriedError, Waiting, send_call, send_chunk
 
@@ -67,17 +67,19 @@ class CeleryResult:
     ``ledger`` gives the delivery ledger where the workers record each attempt.
     """
 
-    __slots__ = ("_default_timeout", "_ledger", "_result")
+    __slots__ = ("_batch", "_default_timeout", "_ledger", "_result")
 
     def __init__(
         self,
         result: CeleryAsyncResult,
         default_timeout: float,
         ledger: Callable[[], Ledger] | None = None,
+        batch: ReadAhead | None = None,
     ) -> None:
         self._result = result
         self._default_timeout = default_timeout
         self._ledger = ledger
+        self._batch = batch  # the results submitted with this one, read ahead together
 
     @property
     def id(self) -> str:
@@ -131,8 +133,11 @@ class CeleryResult:
         up to :data:`MAX_POLL`, as Celery itself polls backends that cannot
         push: nothing subscribes to the result, so nothing is left to drain when
         the caller stops waiting, and a fan-out's thousands of results cost one
-        read each once they are in. A success's retval is the read's; any other
-        end goes through Celery's ``AsyncResult.get`` for its error.
+        read each once they are in. The handles of one ``submit_many`` (or
+        ``submit_calls``) read theirs together (``ReadAhead``): the first read
+        of one asks for the next ones too, in one round trip. A success's retval
+        is the read's; any other end goes through Celery's ``AsyncResult.get``
+        for its error.
         """
         wait = self._default_timeout if timeout is None else timeout
         try:
@@ -158,8 +163,10 @@ class CeleryResult:
         backend = self._result.backend
         deadline = time.monotonic() + wait
         pause = FIRST_POLL
+        meta = None if self._batch is None else self._batch.meta(self.id)
         while True:
-            meta = read_meta(backend, self.id)
+            if meta is None:
+                meta = read_meta(backend, self.id)
             if meta.get("status") in backend.READY_STATES:
                 return meta
             left = deadline - time.monotonic()
@@ -167,6 +174,7 @@ class CeleryResult:
                 raise celery.exceptions.TimeoutError(self.id)
             time.sleep(min(pause, left))
             pause = min(pause * 2, MAX_POLL)
+            meta = None
 
     @property
     def result(self) -> Any:
@@ -241,6 +249,8 @@ class CeleryExecutor:
         chunks before it were sent, this one and those after it were not.
         """
         ledger, schedule = self._ledger, self._schedule
+        backend = self.app.backend
+        batch = ReadAhead(backend, [call.task_id for call in calls]) if lean(backend) else None
         results: list[CeleryResult] = []
         for start in range(0, len(calls), self.batch_size):
             chunk = calls[start : start + self.batch_size]
@@ -257,7 +267,7 @@ class CeleryExecutor:
                     with contextlib.suppress(redis.RedisError):
                         ledger.forget_many(ids)  # the caller gets the error: not sent
                 raise
-            results.extend(self.result(task_id) for task_id in ids)
+            results.extend(self.result(task_id, batch) for task_id in ids)
         return results
 
     def ledger(self) -> Ledger:
@@ -272,9 +282,10 @@ class CeleryExecutor:
                 self._ledger = Ledger(ledger_url(self.app, self._delivery_redis))
             return self._ledger
 
-    def result(self, task_id: str) -> CeleryResult:
-        """The handle of the call ``task_id`` (sent by any caller on the same broker)."""
-        return CeleryResult(self.app.AsyncResult(task_id), self._get_timeout, self.ledger)
+    def result(self, task_id: str, batch: ReadAhead | None = None) -> CeleryResult:
+        """The handle of the call ``task_id`` (sent by any caller on the same broker);
+        ``batch``: the results it was submitted with, read ahead together."""
+        return CeleryResult(self.app.AsyncResult(task_id), self._get_timeout, self.ledger, batch)
 
     def attempts(self, task_id: str) -> tuple[Attempt, ...]:
         """The records of the attempts of the call ``task_id``, oldest first (``()``: none)."""
