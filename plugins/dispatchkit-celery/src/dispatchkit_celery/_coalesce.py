@@ -152,6 +152,21 @@ class Coalescer:
         self._wait(turn)  # never handed the lead: only a thread in run() is
         return self._outcome(turn, raise_errors)
 
+    def try_run(self, commands: Commands) -> list[Any] | redis.RedisError:
+        """:meth:`run` without raising: each command's reply (a failed one's is its error),
+        or the error of a round trip that failed."""
+        try:
+            return self.run(commands, raise_errors=False)
+        except redis.RedisError as exc:
+            return exc
+
+    def try_replies(self, turn: Turn) -> list[Any] | redis.RedisError:
+        """:meth:`replies` of a posted ``turn`` without raising, as :meth:`try_run`."""
+        try:
+            return self.replies(turn, raise_errors=False)
+        except redis.RedisError as exc:
+            return exc
+
     def _queue(self, turn: Turn) -> bool:
         """Queue ``turn``; ``True``: this thread was to send, and has sent it."""
         with self._lock:
@@ -286,6 +301,13 @@ class LoopBatch:
             loop.call_soon(self._send)
         await carried
         return Coalescer._outcome(turn, raise_errors)
+
+    async def try_run(self, commands: Commands) -> list[Any] | redis.RedisError:
+        """:meth:`Coalescer.try_run` for a coroutine."""
+        try:
+            return await self.run(commands, raise_errors=False)
+        except redis.RedisError as exc:
+            return exc
 
     def _send(self) -> None:
         queued, self._queued = self._queued, []

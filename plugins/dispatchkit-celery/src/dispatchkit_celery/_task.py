@@ -529,12 +529,7 @@ async def _run_in_batch_async(chunk: _Chunk, runner: ChunkLoop, call: dict[str, 
             commands = _end_commands(delivery, process, state, value, ends)
             if commands is None:  # stored already, one write at a time
                 return False
-            try:
-                replies: list[Any] | redis.RedisError = await runner.batch.run(
-                    commands, raise_errors=False
-                )
-            except redis.RedisError as exc:
-                replies = exc
+            replies = await runner.batch.try_run(commands)
             _check_end(Ending(delivery, state, value, ends, None), process, replies)
         except Exception as exc:
             log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
@@ -601,13 +596,7 @@ def _settled(ending: Ending, process: _Process) -> None:
     """
     if ending.turn is None:  # stored already
         return
-    try:
-        replies: list[Any] | redis.RedisError = process.ledger.batch.replies(
-            ending.turn, raise_errors=False
-        )
-    except redis.RedisError as exc:
-        replies = exc
-    _check_end(ending, process, replies)
+    _check_end(ending, process, process.ledger.batch.try_replies(ending.turn))
 
 
 def _check_end(ending: Ending, process: _Process, replies: list[Any] | redis.RedisError) -> None:
@@ -724,13 +713,7 @@ async def dispatch_call_async(
     if retries is not None:
         started = _started(delivery, process)
         commands = _take_commands(process, delivery, attempt, token, started)
-        try:
-            replies: list[Any] | redis.RedisError = await runner.batch.run(
-                commands, raise_errors=False
-            )
-        except redis.RedisError as exc:
-            replies = exc
-        offset = _taken(delivery, attempt, replies)
+        offset = _taken(delivery, attempt, await runner.batch.try_run(commands))
     number = _begun(delivery, retries, attempt, offset, started)
     attempts: list[Attempt] = []
     try:
@@ -948,13 +931,7 @@ def _take(
     A duplicate is dropped here (``Ignore``).
     """
     commands = _take_commands(process, delivery, attempt, token, started)
-    try:
-        replies: list[Any] | redis.RedisError = process.ledger.batch.run(
-            commands, raise_errors=False
-        )
-    except redis.RedisError as exc:
-        replies = exc
-    return _taken(delivery, attempt, replies)
+    return _taken(delivery, attempt, process.ledger.batch.try_run(commands))
 
 
 def _take_commands(
