@@ -300,11 +300,12 @@ class ReadAhead:
                 return None
             missed = self._missed.pop(task_id, None)
             asked = [task_id]
-            for other in self._ids[at + 1 :]:
-                if len(asked) >= self._ahead:
+            ids, found, ahead = self._ids, self._found, self._ahead
+            for next_at in range(at + 1, len(ids)):  # no slice: a batch may be 100,000 long
+                if len(asked) >= ahead:
                     break
-                if other not in self._found:
-                    asked.append(other)
+                if ids[next_at] not in found:
+                    asked.append(ids[next_at])
         if missed is not None:
             time.sleep(
                 max(0.0, min(READ_AHEAD_PAUSE, missed + READ_AHEAD_PAUSE - time.monotonic()))

@@ -47,7 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import celery
 import redis
@@ -63,6 +62,7 @@ from dispatchkit import (
     EndpointDisabledError,
     UsageError,
 )
+from dispatchkit._endpoints import endpoint_key
 from dispatchkit_celery._coalesce import Commands, LoopBatch, Turn
 from dispatchkit_celery._config import (
     WorkerConfig,
@@ -492,16 +492,12 @@ async def _run_chunk(chunk: _Chunk, runner: ChunkLoop, calls: list[dict[str, Any
 
 
 def _origin(url: Any) -> str:
-    """``scheme://host:port`` of ``url``, lower-cased; ``""`` for what is not a URL (the
-    call itself will say what is wrong with it)."""
-    if not isinstance(url, str):
-        return ""
+    """The origin of ``url`` as the endpoint guard names it; ``""`` for what is not a URL
+    (the call itself will say what is wrong with it)."""
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
+        return endpoint_key(url)[0] if isinstance(url, str) else ""
+    except UsageError:
         return ""
-    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port or ''}"
 
 
 async def _run_in_batch_async(chunk: _Chunk, runner: ChunkLoop, call: dict[str, Any]) -> bool:
