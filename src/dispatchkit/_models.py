@@ -341,9 +341,10 @@ class Executor(Protocol):
     """Runs submitted calls; returned by the ``dispatchkit_executor`` hook.
 
     Optional: ``submit_many(calls: Sequence[Call]) -> list[Result]``, the handles
-    of ``calls`` in order, for :meth:`Dispatcher.submit_many` to hand over a whole
-    batch at once (the Celery executor sends it in chunks). An executor without
-    it gets each call through ``submit``.
+    of ``calls`` in order, for :meth:`Dispatcher.submit_many` and
+    :meth:`Dispatcher.submit_calls` to hand over a whole batch at once (the
+    Celery executor sends it in chunks; the calls may go to different URLs). An
+    executor without it gets each call through ``submit``.
     """
 
     def submit(self, call: Call) -> Result: ...
