@@ -104,15 +104,17 @@ def test_options_from_the_hook_travel_with_every_submitted_call(base: str) -> No
     with Dispatcher(timeout=5, plugins=[stamp, reader]) as d:
         one = d.submit(f"{base}/multiply", x=2, y=3)
         many = d.submit_many(f"{base}/multiply", [{"x": 1, "y": 1}, {"x": 2, "y": 2}])
+        (each,) = d.submit_calls([Call(f"{base}/multiply", kwargs={"x": 4, "y": 4})])
         assert d.map(f"{base}/multiply", [{"x": 3, "y": 3}]) == [9]
         assert one.get(timeout=10) == 6
         assert [r.get(timeout=10) for r in many] == [1, 4]
+        assert each.get(timeout=10) == 16
         assert d.call(f"{base}/multiply", x=1, y=1) == 1  # not submitted: not asked
     # Asked once per submitted call, in the caller's thread (the calls ran on the pool's).
-    assert len(stamp.seen) == 4
+    assert len(stamp.seen) == 5
     assert {thread for _, thread in stamp.seen} == {threading.get_ident()}
     submitted = {task_id for task_id, _ in stamp.seen}
-    assert {one.id, many[0].id, many[1].id} <= submitted
+    assert {one.id, many[0].id, many[1].id, each.id} <= submitted
     for task_id in submitted:
         assert reader.options[task_id] == {"stamp_thread": here, "stamp_extra": "x"}
     (direct,) = set(reader.options) - submitted

@@ -170,7 +170,7 @@ def dispatchkit_executor(dispatcher: Dispatcher) -> Executor | None:
 def dispatchkit_submit_options(call: Call) -> Mapping[str, str] | None:
     """Called in the caller's thread when a call is handed to the executor: add options to it.
 
-    Runs for ``submit``, ``apply_async``, ``submit_many`` and ``map`` of the sync
+    Runs for ``submit``, ``apply_async``, ``submit_many``, ``submit_calls`` and ``map`` of the sync
     Dispatcher (the Celery executor's and the thread pool's calls alike), before
     the call is checked and queued, with the caller's context current: the place
     to capture what must travel with the call to where it runs (a trace context).
