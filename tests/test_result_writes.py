@@ -145,21 +145,20 @@ def test_a_state_reads_back_as_store_result_stores_it(
 
 
 @pytest.mark.parametrize("task_id", [str(uuid.uuid4()), uuid.uuid4().hex, 'odd "id" \u00e9'])
-def test_started_made_once_per_process_reads_back_as_store_result_stores_it(
+def test_started_reads_back_as_store_result_stores_it(
     app: celery.Celery, ledger: Ledger, url: str, task_id: str
 ) -> None:
     writer = writer_of(app, url)
     meta = {"pid": os.getpid(), "hostname": "w1@host"}
-    writer.started(str(uuid.uuid4()), "w1@host")  # the process's template, made before
+    writer.started(str(uuid.uuid4()), "w1@host")  # the state's template, made before
     stored = writer.started(task_id, "w1@host")
-    assert stored == writer.encoded(task_id, meta, states.STARTED)  # to the byte
+    assert stored == writer.encoded_by_celery(task_id, meta, states.STARTED)  # to the byte
     ledger.batch.run(lambda pipe: ledger.store_state(pipe, stored))
     theirs = str(uuid.uuid4())
     celery_store(app, theirs, meta, states.STARTED)
     assert seen(app, task_id) == seen(app, theirs)
     assert app.AsyncResult(task_id).info == meta
-    # Another worker name in the same process has a template of its own.
-    assert writer.started(task_id, "w2@host") == writer.encoded(
+    assert writer.started(task_id, "w2@host") == writer.encoded_by_celery(
         task_id, {**meta, "hostname": "w2@host"}, states.STARTED
     )
 

@@ -20,7 +20,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,35 +72,13 @@ class StateWriter:
     def __init__(self, backend: RedisBackend) -> None:
         self.backend = backend
         self._timezone = backend.app.timezone  # as app.now(): the clock in the app's timezone
-        # worker name -> (the stand-in id, STARTED of the stand-in): see started().
-        self._started: dict[str | None, tuple[str, Stored]] = {}
         # (state, no current task) -> its meta cut at its slots (None: cannot be): see encoded().
         self._templates: dict[tuple[str, bool], _Template | None] = {}
 
     def started(self, task_id: str, hostname: str | None) -> Stored:
-        """``STARTED`` of task ``task_id`` run by this process of worker ``hostname``.
-
-        Its meta (``pid`` and ``hostname``) is the same for every task of the
-        process, so it is encoded once, for a stand-in id, and each task's id
-        takes the stand-in's place; an id that JSON would escape is encoded in full.
-        """
+        """``STARTED`` of task ``task_id`` run by this process of worker ``hostname``."""
         meta = {"pid": os.getpid(), "hostname": hostname}
-        if not _PLAIN_ID.fullmatch(task_id):
-            return self.encoded(task_id, meta, celery_states.STARTED)
-        found = self._started.get(hostname)
-        if found is None:
-            stand_in = f"dispatchkit-started-{uuid.uuid4().hex}"
-            found = self._started[hostname] = (
-                stand_in,
-                self.encoded(stand_in, meta, celery_states.STARTED),
-            )
-        stand_in, stored = found
-        payload = stored.payload
-        if isinstance(payload, bytes):
-            payload = payload.replace(stand_in.encode(), task_id.encode())
-        else:
-            payload = payload.replace(stand_in, task_id)
-        return Stored(self.backend.get_key_for_task(task_id), payload, stored.seconds)
+        return self.encoded(task_id, meta, celery_states.STARTED)
 
     def encoded(self, task_id: str, value: Any, state: str, date_done: str | None = None) -> Stored:
         """``state`` (with its ``value``) of task ``task_id``, as ``store_result`` would store it.

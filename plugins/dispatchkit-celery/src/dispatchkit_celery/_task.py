@@ -980,7 +980,7 @@ def _encoded(delivery: Delivery, process: _Process, state: str, meta: Any) -> St
 
 
 def _started(delivery: Delivery, process: _Process) -> Stored | None:
-    """:func:`_encoded` of ``STARTED`` (made once per process, see ``StateWriter.started``)."""
+    """:func:`_encoded` of ``STARTED``, with this process and worker (``StateWriter.started``)."""
     writer = process.writer(delivery.app)
     if writer is None:
         return None
