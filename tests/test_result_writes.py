@@ -150,16 +150,17 @@ def test_started_reads_back_as_store_result_stores_it(
 ) -> None:
     writer = writer_of(app, url)
     meta = {"pid": os.getpid(), "hostname": "w1@host"}
-    writer.started(str(uuid.uuid4()), "w1@host")  # the state's template, made before
-    stored = writer.started(task_id, "w1@host")
+    writer.encoded(str(uuid.uuid4()), meta, states.STARTED)  # the state's template, made before
+    stored = writer.encoded(task_id, meta, states.STARTED)
     assert stored == writer.encoded_by_celery(task_id, meta, states.STARTED)  # to the byte
     ledger.batch.run(lambda pipe: ledger.store_state(pipe, stored))
     theirs = str(uuid.uuid4())
     celery_store(app, theirs, meta, states.STARTED)
     assert seen(app, task_id) == seen(app, theirs)
     assert app.AsyncResult(task_id).info == meta
-    assert writer.started(task_id, "w2@host") == writer.encoded_by_celery(
-        task_id, {**meta, "hostname": "w2@host"}, states.STARTED
+    other = {**meta, "hostname": "w2@host"}
+    assert writer.encoded(task_id, other, states.STARTED) == writer.encoded_by_celery(
+        task_id, other, states.STARTED
     )
 
 

@@ -16,7 +16,6 @@ other backend gets ``store_result`` (:func:`state_writer` returns ``None``).
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -75,11 +74,6 @@ class StateWriter:
         # (state, no current task) -> its meta cut at its slots (None: cannot be): see encoded().
         self._templates: dict[tuple[str, bool], _Template | None] = {}
 
-    def started(self, task_id: str, hostname: str | None) -> Stored:
-        """``STARTED`` of task ``task_id`` run by this process of worker ``hostname``."""
-        meta = {"pid": os.getpid(), "hostname": hostname}
-        return self.encoded(task_id, meta, celery_states.STARTED)
-
     def encoded(self, task_id: str, value: Any, state: str, date_done: str | None = None) -> Stored:
         """``state`` (with its ``value``) of task ``task_id``, as ``store_result`` would store it.
 
@@ -93,9 +87,7 @@ class StateWriter:
         :meth:`encoded_by_celery` is the reference this must equal, to the byte.
         """
         backend = self.backend
-        result = backend.encode_result(value, state)
-        if date_done is None and state in backend.READY_STATES:
-            date_done = datetime.now(self._timezone).isoformat()
+        result, date_done = backend.encode_result(value, state), self._dated(state, date_done)
         children = backend.current_task_children(None)
         template = None
         if not children and _PLAIN_ID.fullmatch(task_id):
@@ -113,11 +105,14 @@ class StateWriter:
         self, task_id: str, value: Any, state: str, date_done: str | None = None
     ) -> Stored:
         """What :meth:`encoded` gives, made by Celery's own meta and encoding for this task."""
-        backend = self.backend
-        result = backend.encode_result(value, state)
-        if date_done is None and state in backend.READY_STATES:
-            date_done = datetime.now(self._timezone).isoformat()
+        result, date_done = self.backend.encode_result(value, state), self._dated(state, date_done)
         return self._stored(task_id, self._payload(task_id, result, state, date_done), state)
+
+    def _dated(self, state: str, date_done: str | None) -> str | None:
+        """``date_done`` as given, else the clock's now for a ready state (as ``app.now()``)."""
+        if date_done is None and state in self.backend.READY_STATES:
+            return datetime.now(self._timezone).isoformat()
+        return date_done
 
     def _payload(self, task_id: str, result: Any, state: str, date_done: str | None) -> Any:
         backend = self.backend
@@ -210,7 +205,9 @@ def read_meta(backend: Any, task_id: str) -> dict[str, Any]:
 
 
 def lean(backend: Any) -> bool:
-    """Whether :func:`read_meta` and :class:`ReadAhead` can read ``backend``'s results."""
+    """Whether ``backend`` is Celery's ``RedisBackend`` with JSON and no compression: the
+    backend whose states :class:`StateWriter` writes and :func:`read_meta` and
+    :class:`ReadAhead` read."""
     return (
         type(backend) is RedisBackend and backend.serializer == "json" and not backend.compression
     )
@@ -317,10 +314,6 @@ def state_writer(app: celery.Celery, ledger_url: str) -> StateWriter | None:
     (same URL), with JSON results and no compression.
     """
     backend = app.backend
-    if type(backend) is not RedisBackend:
-        return None
-    if backend.serializer != "json" or backend.compression:
-        return None
-    if str(app.conf.result_backend or "") != ledger_url:
+    if not lean(backend) or str(app.conf.result_backend or "") != ledger_url:
         return None
     return StateWriter(backend)

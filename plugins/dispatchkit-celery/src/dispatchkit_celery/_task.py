@@ -395,11 +395,9 @@ def _run_on_threads(chunk: _Chunk, calls: list[dict[str, Any]]) -> int:
 def _run_in_batch(chunk: _Chunk, call: dict[str, Any]) -> bool | Ending:
     """One call of a chunk, as its own message would run it; ``True``: hand the chunk back,
     an :class:`Ending`: the call's end, posted (the chunk checks it)."""
-    app, process = chunk.app, chunk.process
-    task_id = str(call.get("task_id") or "")
-    if not task_id or _out_of_time(process.config, call.get("timeout"), chunk.started):
-        return _not_run_here(app, call, task_id, chunk.attempt, chunk.schedule, chunk.queue)
-    delivery = Delivery(app, task_id, chunk.hostname, chunk.queue, settles=True)
+    process, delivery = chunk.process, _chunk_delivery(chunk, call)
+    if not isinstance(delivery, Delivery):
+        return delivery
     with process.ride(call) as delivery.ride:
         try:
             retval = dispatch_call(delivery, call, chunk.attempt, chunk.retries, chunk.token)
@@ -414,8 +412,19 @@ def _run_in_batch(chunk: _Chunk, call: dict[str, Any]) -> bool | Ending:
         try:
             return _post_end(delivery, process, state, value, chunk.ends)
         except Exception as exc:
-            log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
+            log.error(
+                "task %s: cannot store its result (%s): chunk handed back", delivery.task_id, exc
+            )
             return True
+
+
+def _chunk_delivery(chunk: _Chunk, call: dict[str, Any]) -> Delivery | bool:
+    """The delivery of ``call`` if its chunk runs it here; else :func:`_not_run_here`'s
+    answer (``True``: hand the chunk back)."""
+    task_id = str(call.get("task_id") or "")
+    if not task_id or _out_of_time(chunk.process.config, call.get("timeout"), chunk.started):
+        return _not_run_here(chunk.app, call, task_id, chunk.attempt, chunk.schedule, chunk.queue)
+    return Delivery(chunk.app, task_id, chunk.hostname, chunk.queue, settles=True)
 
 
 def _not_run_here(
@@ -502,11 +511,9 @@ def _origin(url: Any) -> str:
 
 async def _run_in_batch_async(chunk: _Chunk, runner: ChunkLoop, call: dict[str, Any]) -> bool:
     """:func:`_run_in_batch` on the chunk's loop; ``True``: hand the chunk back."""
-    app, process = chunk.app, chunk.process
-    task_id = str(call.get("task_id") or "")
-    if not task_id or _out_of_time(process.config, call.get("timeout"), chunk.started):
-        return _not_run_here(app, call, task_id, chunk.attempt, chunk.schedule, chunk.queue)
-    delivery = Delivery(app, task_id, chunk.hostname, chunk.queue, settles=True)
+    process, delivery = chunk.process, _chunk_delivery(chunk, call)
+    if not isinstance(delivery, Delivery):
+        return delivery
     with ride_on(runner.guard, call) as delivery.ride:
         try:
             retval = await dispatch_call_async(
@@ -528,7 +535,9 @@ async def _run_in_batch_async(chunk: _Chunk, runner: ChunkLoop, call: dict[str, 
             replies = await runner.batch.try_run(commands)
             _check_end(Ending(delivery, state, value, ends, None), process, replies)
         except Exception as exc:
-            log.error("task %s: cannot store its result (%s): chunk handed back", task_id, exc)
+            log.error(
+                "task %s: cannot store its result (%s): chunk handed back", delivery.task_id, exc
+            )
             return True
         return False
 
@@ -753,7 +762,7 @@ def _begun(
             delivery.ride.ahead = None  # no take to ride on: the dispatcher asks the guard
     delivery.offset = offset
     if started is None or offset is None:  # else the take stored it
-        _set_state(delivery, "STARTED", {"pid": os.getpid(), "hostname": delivery.hostname})
+        _set_state(delivery, "STARTED", _started_meta(delivery))
     return attempt + (offset or 0)
 
 
@@ -980,15 +989,12 @@ def _encoded(delivery: Delivery, process: _Process, state: str, meta: Any) -> St
 
 
 def _started(delivery: Delivery, process: _Process) -> Stored | None:
-    """:func:`_encoded` of ``STARTED``, with this process and worker (``StateWriter.started``)."""
-    writer = process.writer(delivery.app)
-    if writer is None:
-        return None
-    try:
-        return writer.started(delivery.task_id, delivery.hostname)
-    except Exception as exc:  # the backend's own store_result will say it
-        log.debug("task %s: state STARTED left to the backend: %s", delivery.task_id, exc)
-        return None
+    """:func:`_encoded` of ``STARTED``: the process and worker that run the attempt."""
+    return _encoded(delivery, process, "STARTED", _started_meta(delivery))
+
+
+def _started_meta(delivery: Delivery) -> dict[str, Any]:
+    return {"pid": os.getpid(), "hostname": delivery.hostname}
 
 
 def _set_state(delivery: Delivery, state: str, meta: Any) -> None:
