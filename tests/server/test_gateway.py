@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from conftest import require
@@ -260,6 +261,45 @@ def test_running_task_is_started_and_not_done_until_it_returns(
     probe.release.set()
     assert client.wait(task_id) == {"id": task_id, "status": "SUCCESS", "result": "released"}
     assert client.done(task_id) is True
+
+
+class FinishesBetweenReads:
+    """A call's handle whose call ends between any two reads of its state: STARTED on
+    the first read, SUCCESS on every read after it (as a Celery result may)."""
+
+    id = "finishes-between-reads"
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    @property
+    def state(self) -> str:
+        self.reads += 1
+        return "STARTED" if self.reads == 1 else "SUCCESS"
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
+        return 42 if self.reads > 1 else None
+
+    def ready(self) -> bool:
+        return self.state in READY
+
+    def successful(self) -> bool:
+        return self.state == "SUCCESS"
+
+    def failed(self) -> bool:
+        return self.state == "FAILURE"
+
+
+def test_a_call_that_ends_between_two_reads_shows_success_only_with_its_result() -> None:
+    gateway = Gateway(dispatcher=None, callback_url=None, results_max=10, results_max_age=60)
+    handle = FinishesBetweenReads()
+    assert gateway.store.add(handle.id, handle)
+    first = gateway.status(handle.id)["task"]  # read once: STARTED, never SUCCESS without 42
+    assert first == {"id": handle.id, "status": "STARTED", "result": None}
+    assert orjson.loads(orjson.dumps(gateway.status(handle.id))) == {
+        "task": {"id": handle.id, "status": "SUCCESS", "result": 42}
+    }
+    assert gateway.done(handle.id)["task"]["executed"] is True
 
 
 def test_failing_task_reports_reason_exception_and_traceback(client: Client) -> None:

@@ -160,9 +160,6 @@ class _Finished:
     def size(self) -> int:
         return len(self.result) + len(self.exc or "") + len(self.traceback or "")
 
-    def ready(self) -> bool:
-        return True
-
 
 class Gateway:
     """The gateway's state: where calls run, where they call back, and their results.
@@ -262,8 +259,7 @@ class Gateway:
         """Celery 1.0's ``task_status``: state and result; an unknown id is ``PENDING``."""
         entry = self._lookup(task_id)
         if not isinstance(entry, _Finished):
-            state = PENDING if entry is None else entry.state
-            return {"task": {"id": task_id, "status": state, "result": None}}
+            return {"task": {"id": task_id, "status": entry, "result": None}}
         if entry.unencodable is not None:
             raise Refused(
                 HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot encode the result: {entry.unencodable}"
@@ -280,27 +276,33 @@ class Gateway:
 
     def done(self, task_id: str) -> dict[str, Any]:
         """Celery 1.0's ``is_task_done``: whether the call has finished (false when unknown)."""
-        entry = self._lookup(task_id)
-        return {"task": {"id": task_id, "executed": entry is not None and entry.ready()}}
+        return {"task": {"id": task_id, "executed": isinstance(self._lookup(task_id), _Finished)}}
 
-    def _lookup(self, task_id: str) -> Result | _Finished | None:
+    def _lookup(self, task_id: str) -> _Finished | str:
+        """A finished call's entry, else the state of the call (``PENDING``: unknown).
+
+        The call's state is read once: a call that finishes between two reads
+        would otherwise show ``SUCCESS`` without its result.
+        """
         entry = self.store.get(task_id)
-        if entry is None or isinstance(entry, _Finished) or not entry.ready():
+        if entry is None:
+            return PENDING
+        if isinstance(entry, _Finished):
             return entry
         # an executor without done callbacks: settled on the first look after it finished
-        return self._settle(task_id, entry)
+        return self._settle(task_id, entry, entry.state)
 
     def _settle_finished(self, task_id: str, future: concurrent.futures.Future[Any]) -> None:
         entry = self.store.get(task_id)
         if isinstance(entry, AsyncResult) and entry.future is future:
             try:
-                self._settle(task_id, entry)
+                self._settle(task_id, entry, entry.state)
             except Exception:  # the next look at the status settles it
                 logger.exception("gateway: cannot keep the result of task %s", task_id)
 
-    def _settle(self, task_id: str, result: Result) -> Result | _Finished:
-        """Replace a finished call's handle in the store by what its status shows."""
-        state = result.state
+    def _settle(self, task_id: str, result: Result, state: str) -> _Finished | str:
+        """Replace a call's handle in the store by what its status shows, if ``state``
+        (read once, by the caller) is an end; else ``state``."""
         if state == SUCCESS:
             value = _value(result)
             try:
@@ -319,7 +321,7 @@ class Gateway:
                 # error: without them the error goes with its handle, not at the next gc
                 traceback.clear_frames(error.__traceback__)
         else:
-            return result
+            return state
         self.store.settle(task_id, result, finished, _ENTRY_BYTES + len(task_id) + finished.size)
         return finished
 
