@@ -173,12 +173,18 @@ class Connection:
             self.send(data[i : i + 1])
 
     def wait_for_close(self) -> bool:
-        """Read and discard until the peer closes; True if it did before the deadline."""
+        """Read and discard until the peer closes; True if it did before the deadline.
+
+        A reset is the peer closing too: a client that closes its socket with
+        bytes of ours still unread in its kernel buffer sends a RST, not a FIN.
+        """
         try:
             while self._recv():
                 pass
         except ScriptEnded:
             return False
+        except ConnectionResetError:
+            pass
         self.server._count("peer_closed")
         return True
 
