@@ -112,11 +112,16 @@ class Connection:
         return left
 
     def _recv(self) -> bytes:
+        """What the peer sent next; ``b""`` once it closed. A reset is the peer closing
+        too: a client that closes its socket with bytes of ours still unread in its
+        kernel buffer sends a RST, not a FIN."""
         self.sock.settimeout(self.remaining())
         try:
             return self.sock.recv(65536)
         except TimeoutError:
             raise ScriptEnded("the connection's deadline passed") from None
+        except ConnectionResetError:
+            return b""
 
     def read_request(self) -> RawRequest | None:
         """Read one request (head, then a Content-Length body); ``None`` when the peer closed.
@@ -173,18 +178,12 @@ class Connection:
             self.send(data[i : i + 1])
 
     def wait_for_close(self) -> bool:
-        """Read and discard until the peer closes; True if it did before the deadline.
-
-        A reset is the peer closing too: a client that closes its socket with
-        bytes of ours still unread in its kernel buffer sends a RST, not a FIN.
-        """
+        """Read and discard until the peer closes; True if it did before the deadline."""
         try:
             while self._recv():
                 pass
         except ScriptEnded:
             return False
-        except ConnectionResetError:
-            pass
         self.server._count("peer_closed")
         return True
 
