@@ -39,6 +39,7 @@ from dispatchkit import (
     Call,
     ConnectError,
     Dispatcher,
+    DispatchError,
     HTTPStatusError,
     RemoteExecuteError,
     states,
@@ -520,6 +521,39 @@ def test_a_replay_between_a_death_and_the_end_of_its_call_is_not_undone(redis_ur
         if keys:
             ledger.client.delete(*keys)
         ledger.close()
+        app.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"call": "{not json", "schedule": "{}", "died": "1", "queue": "q", "error": "{}"},
+        {"call": "[]", "schedule": "{}", "died": "1", "queue": "q", "error": "{}"},
+        {"call": "{}", "schedule": "{}", "error": "{}"},  # no died, no queue
+    ],
+    ids=["bad-json", "not-a-call", "fields-missing"],
+)
+def test_an_unreadable_dead_letter_is_a_clear_error(
+    ledger: Ledger, redis_url: str, env: None, capsys: pytest.CaptureFixture[str],
+    fields: dict[Any, str],
+) -> None:  # fmt: skip
+    task_id = uuid.uuid4().hex
+    ledger.client.hset(letter_key(ledger, task_id), mapping=fields)
+    ledger.client.zadd(dead_key(ledger), {task_id: 1.0})
+    app = make_app(redis_url)
+    try:
+        dead = DeadLetters(app, lambda: ledger, lambda sent_as: sent_as)  # type: ignore[arg-type,return-value]
+        for read in (lambda: dead.get(task_id), lambda: dead.replay([task_id])):
+            with pytest.raises(DispatchError, match=f"dead letter {task_id} is unreadable"):
+                read()
+        for command in ("show", "replay"):
+            status, _, err = run(capsys, "dead-letters", command, task_id)  # no traceback
+            assert status == 1
+            assert f"dead letter {task_id} is unreadable" in err
+        assert dead.purge([task_id]) == [task_id]  # what cannot be read can still go
+    finally:
+        ledger.client.delete(letter_key(ledger, task_id))
+        ledger.client.zrem(dead_key(ledger), task_id)
         app.close()
 
 

@@ -368,24 +368,26 @@ class DeadLetters:
         raw = {_text(k): _text(v) for k, v in stored.items()}
         if "call" not in raw:
             return None
-        call = json.loads(raw["call"])
-        schedule = json.loads(raw["schedule"])
         sent_as = uuid.uuid4().hex if new_id else task_id
-        call["task_id"] = sent_as
-        offset = 0 if new_id else int(raw.get("attempts") or 0)
-        resend_after = float(schedule.get("resend_after", DEFAULT_RESEND_AFTER))
+        try:
+            call, schedule = json.loads(raw["call"]), json.loads(raw["schedule"])
+            call["task_id"] = sent_as
+            offset = 0 if new_id else int(raw.get("attempts") or 0)
+            resend_after = float(schedule.get("resend_after", DEFAULT_RESEND_AFTER))
+            died, queue = raw["died"], raw["queue"]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise DispatchError(f"dead letter {task_id} is unreadable: {exc!r}") from exc
         replay = ledger.client.register_script(_REPLAY)
         keys = [dead_key(ledger), letter_key(ledger, task_id), ledger.call_key(sent_as), ledger.due]
         args: list[str | int | float] = [
-            task_id, raw["died"], sent_as, json.dumps(call), raw["schedule"], raw["queue"],
-            offset, resend_after,
+            task_id, died, sent_as, json.dumps(call), raw["schedule"], queue, offset, resend_after,
         ]  # fmt: skip
         if not replay(keys=keys, args=args):
             return None  # another replay took it first, or it was purged meanwhile
         try:
             # The old round's FAILURE must not answer for the new one.
             self._app.backend.forget(sent_as)
-            send_call(self._app, call, 1, schedule, task_id=sent_as, queue=raw["queue"] or None)
+            send_call(self._app, call, 1, schedule, task_id=sent_as, queue=queue or None)
         except Exception as exc:  # the broker's or the backend's: the ledger holds the call
             log.warning(
                 "task %s: replay recorded, its message not sent (%s): a worker's poller sends "
