@@ -237,6 +237,27 @@ def test_the_attempts_command(
         assert "keeps no" in err
 
 
+@pytest.mark.parametrize("record", [b"{not json", b"\xff\xfe", b"[]", b'{"number": "one"}'])
+def test_an_unreadable_attempt_record_is_a_clear_error(
+    ledger: Ledger,
+    make_dispatcher: Any,
+    env: None,
+    capsys: pytest.CaptureFixture[str],
+    record: bytes,
+) -> None:
+    task_id = uuid.uuid4().hex
+    ledger.client.rpush(ledger.attempts_key(task_id), record)
+    d = make_dispatcher(executor="celery", celery_broker=URL, celery_queue=QUEUE)
+    try:
+        with pytest.raises(DispatchError, match=f"task {task_id} has an unreadable attempt"):
+            attempts(d, task_id)
+        status, out, err = run(capsys, "attempts", task_id)  # no traceback
+        assert (status, out) == (1, "")
+        assert f"task {task_id} has an unreadable attempt record" in err
+    finally:
+        ledger.client.delete(ledger.attempts_key(task_id))
+
+
 # -- dead letters -----------------------------------------------------------------------
 
 

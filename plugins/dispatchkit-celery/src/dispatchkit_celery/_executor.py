@@ -314,8 +314,8 @@ def read_attempts(ledger: Callable[[], Ledger], task_id: str) -> tuple[Attempt, 
     with ledger_errors(f"read the attempts of task {task_id}"):
         records = ledger().attempts(task_id)
     try:
-        return tuple(Attempt.from_dict(record) for record in records)
-    except UsageError as exc:
+        return tuple(Attempt.from_dict(json.loads(record)) for record in records)
+    except ValueError as exc:  # not JSON, or not an attempt (UsageError is a ValueError)
         raise DispatchError(f"task {task_id} has an unreadable attempt record: {exc}") from exc
 
 

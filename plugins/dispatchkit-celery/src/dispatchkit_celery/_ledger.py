@@ -242,9 +242,11 @@ class Ledger:
         """The key of the list of the call's attempt records."""
         return f"{self.prefix}attempts:{task_id}"
 
-    def attempts(self, task_id: str) -> list[dict[str, Any]]:
-        """The records of the call's attempts, oldest first (``Attempt.to_dict()`` each)."""
-        return [json.loads(raw) for raw in self.client.lrange(self.attempts_key(task_id), 0, -1)]
+    def attempts(self, task_id: str) -> list[bytes | str]:
+        """The records of the call's attempts, oldest first: ``Attempt.to_dict()`` each, as
+        stored (JSON)."""
+        records: list[bytes | str] = self.client.lrange(self.attempts_key(task_id), 0, -1)
+        return records
 
     # -- the caller ---------------------------------------------------------------------
 
