@@ -563,6 +563,8 @@ def test_a_worker_config_shows_no_secret() -> None:
         ({"timeout": -1}, "timeout"),
         ({"chunk_runner": "trio"}, "chunk_runner"),
         ({"chunk_runner": None}, "chunk_runner"),
+        ({"disable": "retry"}, "'disable' takes a list of plugin names, got 'retry'"),
+        ({"disable": [5]}, r"'disable' takes plugin names \(str\), got 5"),
     ],
 )
 def test_bad_worker_settings_are_usage_errors(settings: dict[str, Any], match: str) -> None:

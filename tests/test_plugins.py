@@ -24,6 +24,7 @@ from dispatchkit_example import ExamplePlugin
 
 import dispatchkit
 from dispatchkit import (
+    AsyncDispatcher,
     Codec,
     Dispatcher,
     DispatchError,
@@ -826,6 +827,22 @@ def test_two_plugins_of_one_name_are_refused() -> None:
 def test_disable_must_be_a_list() -> None:
     with pytest.raises(UsageError, match="lists, not a single string"):
         Dispatcher(disable="example")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"disable": 5}, "'disable' takes a list of plugin names, got int"),
+        ({"disable": ["example", None]}, r"'disable' takes plugin names \(str\), got None"),
+        ({"plugins": 5}, "'plugins' takes a list, got int"),
+    ],
+)
+def test_plugins_and_disable_that_are_not_lists_are_refused(
+    options: dict[str, Any], message: str
+) -> None:
+    for dispatcher in (Dispatcher, AsyncDispatcher):
+        with pytest.raises(UsageError, match=message):
+            dispatcher(**options)
 
 
 class FlakyTransport:

@@ -91,6 +91,20 @@ def plugin_name(plugin: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _names(disable: Iterable[str]) -> set[str]:
+    """The plugin names of ``disable``; a :class:`UsageError` unless it is a list of str."""
+    try:
+        names = list(disable)
+    except TypeError:
+        raise UsageError(
+            f"'disable' takes a list of plugin names, got {type(disable).__name__}"
+        ) from None
+    for name in names:
+        if not isinstance(name, str):
+            raise UsageError(f"'disable' takes plugin names (str), got {name!r}")
+    return set(names)
+
+
 def build_manager(
     plugins: Iterable[object], disable: Iterable[str], settings: Iterable[str] = ()
 ) -> tuple[pluggy.PluginManager, list[PluginInfo]]:
@@ -104,7 +118,11 @@ def build_manager(
     """
     if isinstance(disable, str) or isinstance(plugins, (str, bytes)):
         raise UsageError("'plugins' and 'disable' take lists, not a single string")
-    blocked = set(disable)
+    blocked = _names(disable)
+    try:
+        plugins = list(plugins)
+    except TypeError:
+        raise UsageError(f"'plugins' takes a list, got {type(plugins).__name__}") from None
     # A plugin given in code replaces a built-in or entry-point plugin of the same name.
     given: dict[str, object] = {}
     for plugin in plugins:

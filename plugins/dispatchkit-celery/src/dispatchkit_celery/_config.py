@@ -242,7 +242,10 @@ async def build_async_dispatcher(config: WorkerConfig) -> AsyncDispatcher:
 
 def _worker_settings(config: WorkerConfig) -> tuple[dict[str, Any], list[str]]:
     settings = {**ENDPOINT_DEFAULTS, "endpoints_redis": config.ledger_url, **config.dispatcher}
-    return settings, [*settings.pop("disable", ()), "retry"]
+    disable = settings.pop("disable", [])
+    if not isinstance(disable, list):  # JSON: a list, or a mistake
+        raise UsageError(f"worker setting 'disable' takes a list of plugin names, got {disable!r}")
+    return settings, [*disable, "retry"]
 
 
 def _one_attempt(dispatcher: Dispatcher | AsyncDispatcher, close: Callable[[], None]) -> None:
