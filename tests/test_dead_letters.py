@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from dispatchkit import (
     DispatchError,
     HTTPStatusError,
     RemoteExecuteError,
+    UsageError,
     states,
 )
 from dispatchkit._cli import main
@@ -543,6 +545,32 @@ def test_a_replay_between_a_death_and_the_end_of_its_call_is_not_undone(redis_ur
             ledger.client.delete(*keys)
         ledger.close()
         app.close()
+
+
+@pytest.mark.parametrize(
+    ("use", "message"),
+    [
+        (lambda dead, d: dead.replay("6f44c159"), "replay takes a list of task ids, not a single"),
+        (lambda dead, d: dead.purge("6f44c159"), "purge takes a list of task ids, not a single"),
+        (lambda dead, d: dead.purge(None), "purge takes a list of task ids, got NoneType"),
+        (lambda dead, d: dead.replay([5]), "a task id is a non-empty str, got 5"),
+        (lambda dead, d: dead.get(5), "a task id is a non-empty str, got 5"),
+        (lambda dead, d: dead.list(limit=-1), "limit must be a whole number or None, got -1"),
+        (lambda dead, d: dead.list(origin=5), "origin must be a URL (str), got 5"),
+        (lambda dead, d: dead.purge_all(origin=5), "origin must be a URL (str), got 5"),
+        (lambda dead, d: attempts(d, ""), "a task id is a non-empty str, got ''"),
+        (
+            lambda dead, d: attempts(d, None),  # type: ignore[arg-type]
+            "a task id is a non-empty str, got None",
+        ),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    redis_url: str, make_dispatcher: Any, use: Any, message: str
+) -> None:
+    d = make_dispatcher(executor="celery", celery_broker=redis_url, celery_queue=QUEUE)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        use(dead_letters(d), d)
 
 
 @pytest.mark.parametrize(

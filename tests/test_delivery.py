@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -570,6 +571,23 @@ def test_a_worker_config_shows_no_secret() -> None:
 def test_bad_worker_settings_are_usage_errors(settings: dict[str, Any], match: str) -> None:
     with pytest.raises(UsageError, match=match):
         WorkerConfig.from_settings(REDIS_URL, settings).check()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"celery_queue": 5}, "setting 'celery_queue' must be a non-empty str, got 5"),
+        ({"celery_queue": ""}, "setting 'celery_queue' must be a non-empty str, got ''"),
+        ({"celery_broker": 5}, "setting 'celery_broker' must be a non-empty str, got 5"),
+        ({"celery_backend": b"redis://"}, "setting 'celery_backend' must be a non-empty str"),
+        ({"celery_get_timeout": "60"}, "celery_get_timeout must be a number of seconds"),
+        ({"celery_get_timeout": 0}, "celery_get_timeout must be positive and finite"),
+    ],
+)
+def test_bad_celery_settings_are_usage_errors(settings: dict[str, Any], message: str) -> None:
+    settings.setdefault("celery_broker", REDIS_URL)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Dispatcher(executor="celery", **settings)
 
 
 def test_a_worker_with_bad_settings_refuses_to_start() -> None:

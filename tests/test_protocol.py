@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
+import re
 import tracemalloc
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 
 from conftest import peer_stats
 from dispatchkit import (
+    AsyncDispatcher,
     ConnectError,
     Dispatcher,
     DispatchError,
@@ -175,6 +178,52 @@ def test_bad_calls_are_usage_errors(dispatcher: Dispatcher, peer: str) -> None:
         dispatcher.call(b"http://127.0.0.1/")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="timeout must be positive"):
         dispatcher.apply(f"{peer}/echo", timeout=0)
+
+
+ARGUMENTS = "a call's arguments must be a mapping of names to values"
+
+
+@pytest.mark.parametrize(
+    ("use", "message"),
+    [
+        (lambda d, url: d.apply(url, "GET", [("x", 1)]), f"{ARGUMENTS}, got list"),
+        (lambda d, url: d.apply_async(url, "POST", "x=1"), f"{ARGUMENTS}, got str"),
+        (lambda d, url: d.submit_many(url, [{"x": 1}, 2]), f"{ARGUMENTS}, got int"),
+        (lambda d, url: d.map(url, [1.5]), f"{ARGUMENTS}, got float"),
+        (lambda d, url: d.submit_many(url, None), "submit_many takes an iterable of calls"),
+        (lambda d, url: d.submit_many(url, {"x": 1}), "takes an iterable of calls, got one dict"),
+        (lambda d, url: d.map(url, "x=1"), "map takes an iterable of calls, got one str"),
+        (lambda d, url: d.map(url, 5), "map takes an iterable of calls, got int"),
+        (lambda d, url: d.submit_calls(None), "submit_calls takes an iterable of calls"),
+    ],
+)
+def test_calls_that_are_not_mappings_are_usage_errors(
+    dispatcher: Dispatcher, peer: str, use: Any, message: str
+) -> None:
+    dispatcher.call(f"{peer}/stats/reset")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        use(dispatcher, f"{peer}/echo")
+    assert peer_stats(dispatcher, peer)["requests"] == 1  # only the /stats call itself
+
+
+@pytest.mark.parametrize(
+    ("use", "message"),
+    [
+        (lambda d, url: d.apply(url, "GET", [("x", 1)]), f"{ARGUMENTS}, got list"),
+        (lambda d, url: d.map(url, [{"x": 1}, 2]), f"{ARGUMENTS}, got int"),
+        (lambda d, url: d.map(url, None), "map takes an iterable of calls, got NoneType"),
+        (lambda d, url: d.map(url, "x=1"), "map takes an iterable of calls, got one str"),
+    ],
+)
+def test_async_calls_that_are_not_mappings_are_usage_errors(
+    peer: str, use: Any, message: str
+) -> None:
+    async def main() -> None:
+        async with AsyncDispatcher() as d:
+            with pytest.raises(UsageError, match=re.escape(message)):
+                await use(d, f"{peer}/echo")
+
+    asyncio.run(main())
 
 
 # -- responses --------------------------------------------------------------------

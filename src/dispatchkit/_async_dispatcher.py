@@ -10,6 +10,7 @@ from typing import Any
 
 import tenacity
 
+from dispatchkit._checks import each
 from dispatchkit._endpoints import Endpoints
 from dispatchkit._models import AsyncTransport, Attempt, Call, PluginInfo, Request, Response
 from dispatchkit._pipeline import AsyncAfterFailure, Pipeline, plugin_failure, scheme_of
@@ -124,7 +125,7 @@ class AsyncDispatcher:
         window = concurrency or self.settings.pool_maxsize
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise UsageError(f"concurrency must be a positive int, got {concurrency!r}")
-        source = iter(calls)
+        source = each(calls, "map")
         build = self._pipeline.builder(url, method, options)  # what the calls share, once
         # Every call's URL starts with url's: its transport, looked up once (else per call).
         transport = self._transports.get(url.partition(":")[0]) if isinstance(url, str) else None

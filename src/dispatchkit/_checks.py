@@ -1,4 +1,5 @@
-"""Checks of numbers given by users (settings, per-call options, server limits).
+"""Checks of what users give: numbers (settings, per-call options, server limits), and
+the many calls of one method (``map``, ``submit_many``).
 
 ``bool`` is an ``int`` to Python but never a number here: ``timeout=True`` is
 a mistake, not one second. Each check returns the value it accepted, and
@@ -8,6 +9,8 @@ raises :class:`~dispatchkit.UsageError` naming what was wrong.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from dispatchkit.exceptions import UsageError
 
@@ -35,3 +38,18 @@ def count(value: object, what: str, *, minimum: int = 1, maximum: int | None = N
         bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
         raise UsageError(f"{what} must be {bound}, got {value!r}")
     return value
+
+
+def each(calls: object, what: str) -> Iterator[Any]:
+    """An iterator over ``calls``, the many calls a method takes: a list, a generator...
+
+    A string, a mapping (one call's arguments, not a list of them) or anything
+    not iterable is a :class:`~dispatchkit.UsageError` naming ``what``.
+    """
+    if isinstance(calls, (str, bytes, Mapping)):
+        raise UsageError(f"{what} takes an iterable of calls, got one {type(calls).__name__}")
+    try:
+        iterator: Iterator[Any] = iter(calls)  # type: ignore[call-overload]  # checked here
+    except TypeError:
+        raise UsageError(f"{what} takes an iterable of calls, got {type(calls).__name__}") from None
+    return iterator

@@ -10,6 +10,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+from dispatchkit._checks import each
 from dispatchkit._encoding import new_task_id
 from dispatchkit._endpoints import Endpoints
 from dispatchkit._models import (
@@ -162,7 +163,7 @@ class Dispatcher:
         """
         return self.submit_calls(
             Call(url, method, kwargs, new_task_id(), timeout, headers, json, options)
-            for kwargs in calls
+            for kwargs in each(calls, "submit_many")
         )
 
     def submit_calls(self, calls: Iterable[Call]) -> list[Result]:
@@ -178,7 +179,7 @@ class Dispatcher:
         """
         checked: list[Call] = []
         ids: set[str] = set()
-        for call in calls:
+        for call in each(calls, "submit_calls"):
             if not isinstance(call, Call):
                 raise UsageError(f"submit_calls takes dispatchkit.Call objects, got {call!r}")
             if not call.task_id:
@@ -217,7 +218,7 @@ class Dispatcher:
         pending: deque[Result] = deque()
         values: list[Any] = []
         failed = False
-        for kwargs in calls:
+        for kwargs in each(calls, "map"):
             if len(pending) >= window:
                 failed = self._collect(pending.popleft(), values, return_exceptions) or failed
                 if failed:

@@ -59,6 +59,11 @@ def build_request(call: Call, headers: Mapping[str, str], timeout: float) -> Req
     url, task_id = call.url, call.task_id
     if not isinstance(url, str):
         raise UsageError(f"url must be a str, got {type(url).__name__}")
+    if not isinstance(call.kwargs, Mapping):
+        raise UsageError(
+            f"a call's arguments must be a mapping of names to values, "
+            f"got {type(call.kwargs).__name__}"
+        )
     if task_id:
         check_header("Idempotency-Key", task_id)
     else:

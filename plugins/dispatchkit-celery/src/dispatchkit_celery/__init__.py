@@ -51,6 +51,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from dispatchkit import Attempt, Dispatcher, Settings, UsageError, hookimpl
+from dispatchkit._checks import seconds
 from dispatchkit.builtin.endpoints import EndpointPolicy
 from dispatchkit_celery._config import (
     DEFAULT_BATCH_SIZE,
@@ -74,6 +75,13 @@ NAME = "celery"
 _UNSET: Any = object()
 
 
+def _text(value: Any, name: str) -> str | None:
+    """A setting that is a non-empty str, or not given (``None``)."""
+    if value is not None and not (isinstance(value, str) and value):
+        raise UsageError(f"setting {name!r} must be a non-empty str, got {value!r}")
+    return value
+
+
 class CeleryPlugin:
     """Provides the ``celery`` executor, and the endpoint guard its workers share."""
 
@@ -89,10 +97,10 @@ class CeleryPlugin:
         extra = settings.extra
         self._options = {
             "app": extra("celery_app"),
-            "broker": extra("celery_broker"),
-            "backend": extra("celery_backend"),
-            "queue": extra("celery_queue"),
-            "get_timeout": extra("celery_get_timeout", 300.0),
+            "broker": _text(extra("celery_broker"), "celery_broker"),
+            "backend": _text(extra("celery_backend"), "celery_backend"),
+            "queue": _text(extra("celery_queue"), "celery_queue"),
+            "get_timeout": seconds(extra("celery_get_timeout", 300.0), "celery_get_timeout"),
             "batch_size": checked_batch_size(extra("celery_batch_size", DEFAULT_BATCH_SIZE)),
         }
         shared = extra("endpoints_redis", _UNSET)
@@ -162,7 +170,9 @@ def attempts(dispatcher: Dispatcher, task_id: str) -> tuple[Attempt, ...]:
     Any call sent through the same broker (and delivery ledger), by any process;
     ``()`` when none is recorded (yet, or any more: they are kept ``attempts_ttl``).
     """
-    return _celery_executor(dispatcher).attempts(task_id)
+    from dispatchkit_celery._dead_letters import checked_task_id
+
+    return _celery_executor(dispatcher).attempts(checked_task_id(task_id))
 
 
 def dead_letters(dispatcher: Dispatcher) -> DeadLetters:

@@ -261,9 +261,11 @@ class DeadLetters:
         origin; ``since`` (unix seconds, or a datetime: naive is UTC) those that
         died then or later.
         """
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
             raise UsageError(f"limit must be a whole number or None, got {limit!r}")
-        wanted = None if origin is None else endpoint_key(origin)[0]
+        wanted = _origin(origin)
         low = "-inf" if since is None else repr(_timestamp(since))
         found: builtins.list[DeadLetter] = []
         with ledger_errors("list the dead letters"):
@@ -279,6 +281,7 @@ class DeadLetters:
 
     def get(self, task_id: str) -> DeadLetter | None:
         """The dead letter ``task_id``; ``None`` if there is none (any more)."""
+        task_id = checked_task_id(task_id)
         with ledger_errors(f"read dead letter {task_id}"):
             ledger = self._ledger()
             return next(iter(self._load(ledger, [task_id])), None)
@@ -294,9 +297,10 @@ class DeadLetters:
         that is not a dead letter (replayed already, purged, expired, unknown)
         gives ``None``: nothing is sent, so replaying twice sends once.
         """
+        wanted = task_ids(ids, "replay")
         with ledger_errors("replay dead letters"):
             ledger = self._ledger()
-            return [self._replay_one(ledger, task_id, new_id) for task_id in ids]
+            return [self._replay_one(ledger, task_id, new_id) for task_id in wanted]
 
     def replay_all(
         self, origin: str | None = None, new_id: bool = False
@@ -312,6 +316,7 @@ class DeadLetters:
 
     def purge(self, ids: Iterable[str]) -> builtins.list[str]:
         """Delete the dead letters ``ids`` and their attempts; return the ids that were there."""
+        ids = task_ids(ids, "purge")
         with ledger_errors("purge dead letters"):
             ledger = self._ledger()
             script = ledger.client.register_script(_PURGE)
@@ -333,7 +338,7 @@ class DeadLetters:
 
     def _ids(self, origin: str | None) -> builtins.list[str]:
         """The ids of the dead letters (of ``origin``), oldest first."""
-        wanted = None if origin is None else endpoint_key(origin)[0]
+        wanted = _origin(origin)
         with ledger_errors("list the dead letters"):
             ledger = self._ledger()
             ids = _ids(ledger.client.zrange(dead_key(ledger), 0, -1))
@@ -411,6 +416,32 @@ def _letter(task_id: str, raw: Mapping[str, str], records: Sequence[bytes | str]
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise DispatchError(f"dead letter {task_id} is unreadable: {exc}") from exc
+
+
+def checked_task_id(task_id: object) -> str:
+    """``task_id`` if it is one (a non-empty str); else a ``UsageError``."""
+    if not isinstance(task_id, str) or not task_id:
+        raise UsageError(f"a task id is a non-empty str, got {task_id!r}")
+    return task_id
+
+
+def task_ids(ids: Iterable[str], what: str) -> builtins.list[str]:
+    """The task ids of ``ids``, a list of them (not one str); else a ``UsageError``."""
+    if isinstance(ids, (str, bytes)):
+        raise UsageError(f"{what} takes a list of task ids, not a single string: [{ids!r}]")
+    try:
+        return [checked_task_id(task_id) for task_id in ids]
+    except TypeError:
+        raise UsageError(f"{what} takes a list of task ids, got {type(ids).__name__}") from None
+
+
+def _origin(origin: object) -> str | None:
+    """The origin key of ``origin`` (any URL), ``None`` for none; else a ``UsageError``."""
+    if origin is None:
+        return None
+    if not isinstance(origin, str):
+        raise UsageError(f"origin must be a URL (str), got {origin!r}")
+    return endpoint_key(origin)[0]
 
 
 def _timestamp(since: float | datetime) -> float:
