@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from dispatchkit._call_each import DEFAULT_CONCURRENCY, TASK_ID, run_each, write_stdout
+from dispatchkit._cli_output import json_bytes
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._encoding import QUERY_METHODS, normalize_method
 from dispatchkit.exceptions import UsageError
@@ -183,6 +184,4 @@ def parse_headers(lines: Sequence[str]) -> dict[str, str]:
 
 
 def _write_json(value: Any) -> None:
-    options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
-    # a codec plugin may hand back what JSON cannot hold: show it as text
-    write_stdout(orjson.dumps(value, option=options, default=str) + b"\n")
+    write_stdout(json_bytes(value, indent=True) + b"\n")

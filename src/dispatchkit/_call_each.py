@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import orjson
 
-from dispatchkit._cli_output import describe, say
+from dispatchkit._cli_output import describe, json_bytes, say
 from dispatchkit._dispatcher import Dispatcher
 from dispatchkit._encoding import new_task_id
 from dispatchkit.exceptions import DispatchError, UsageError
@@ -186,6 +186,15 @@ def _failure_record(line: _Line, error: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _failure_line(line: _Line, error: dict[str, Any]) -> bytes:
+    """:func:`_failure_record` as a line of ``--failures``; one whose arguments JSON cannot
+    write again keeps its number and error (the input file still holds the line)."""
+    try:
+        return _dumps(_failure_record(line, error))
+    except DispatchError:
+        return _dumps({"$line": line.number, "$error": error})
+
+
 def _error_fields(exc: DispatchError) -> dict[str, Any]:
     fields: dict[str, Any] = {"type": type(exc).__name__, "message": exc.message}
     status = getattr(exc, "status", None)
@@ -195,8 +204,7 @@ def _error_fields(exc: DispatchError) -> dict[str, Any]:
 
 
 def _dumps(record: dict[str, Any]) -> bytes:
-    # a codec plugin may hand back what JSON cannot hold: show it as text
-    return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n"
+    return json_bytes(record) + b"\n"
 
 
 def _duration(seconds: float) -> str:
@@ -439,17 +447,20 @@ class _Batch:
             error = line.error
             record: dict[str, Any] = {"line": line.number, "task_id": line.task_id}
             if error is None:
-                record["retval"] = line.retval
-            elif not isinstance(error, DispatchError):
+                try:
+                    out += _dumps({**record, "retval": line.retval})
+                    continue
+                except DispatchError as exc:  # an answer nested too deep to write back
+                    error = line.error = exc
+            if not isinstance(error, DispatchError):
                 raise error  # a bug, not a failed call: shown with its traceback
+            record["error"] = _error_fields(error)
+            failures += _failure_line(line, record["error"])
+            if line.called and isinstance(error, UsageError):
+                # the URL, the method, a header: every call would be refused alike
+                self._usage = self._usage or error
             else:
-                record["error"] = _error_fields(error)
-                failures += _dumps(_failure_record(line, record["error"]))
-                if line.called and isinstance(error, UsageError):
-                    # the URL, the method, a header: every call would be refused alike
-                    self._usage = self._usage or error
-                else:
-                    self._show(line.number, error)
+                self._show(line.number, error)
             out += _dumps(record)
         if not lines:
             return

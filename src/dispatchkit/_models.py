@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -264,6 +265,16 @@ class Response:
         return content_type.partition(";")[0].strip().lower()
 
 
+def _text(reason: object) -> str:
+    """A failure's ``reason`` as text: ``str()``, bounded for one nested past Python's limit."""
+    if isinstance(reason, str):
+        return reason
+    try:
+        return str(reason)
+    except RecursionError:  # a hostile answer: [[[...]]] a thousand deep
+        return reprlib.repr(reason)
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """The task's answer: ``status`` is ``"success"`` (with ``retval``) or ``"failure"``."""
@@ -303,8 +314,10 @@ class Envelope:
             return cls(STATUS_SUCCESS, retval=obj.get("retval"))
         if status == STATUS_FAILURE:
             reason = obj.get("reason")
-            return cls(STATUS_FAILURE, reason="" if reason is None else str(reason))
-        raise UnknownStatusError(f"unknown envelope status {status!r}: {excerpt(body)}", body=body)
+            return cls(STATUS_FAILURE, reason="" if reason is None else _text(reason))
+        raise UnknownStatusError(
+            f"unknown envelope status {reprlib.repr(status)}: {excerpt(body)}", body=body
+        )
 
     def to_object(self) -> dict[str, Any]:
         """The JSON-ready mapping of this envelope."""
