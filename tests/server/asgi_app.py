@@ -36,7 +36,8 @@ def _async_gate(key: str) -> asyncio.Event:
 
 
 def make_app(**options: Any) -> TaskApp:
-    app = TaskApp(gateway=True, max_body_bytes=MAX_BODY_BYTES, **options)
+    options.setdefault("max_body_bytes", MAX_BODY_BYTES)
+    app = TaskApp(gateway=True, **options)
 
     @app.task
     def multiply(x: int, y: int) -> int:

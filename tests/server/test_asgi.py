@@ -809,6 +809,8 @@ PARITY = [
     ("POST", "/echo", b"", {"Content-Type": "text/plain"}, b"s=x"),
     ("POST", "/echo", b"", FORM_HEADERS, b"s=" + b"x" * MAX_BODY_BYTES),
     ("POST", "/echo", b"", {**FORM_HEADERS, "Content-Length": "12x"}, b"s=x"),
+    ("POST", "/echo", b"", {**FORM_HEADERS, "Content-Length": "9" * 5000}, b"s=x"),
+    ("POST", "/echo", b"", {**FORM_HEADERS, "Content-Length": "0" * 5000 + "3"}, b"s=x"),
     ("GET", "/nope", b"", {}, b""),
     ("GET", "/gr\u00fc\u00dfe", b"", {}, b""),
     ("PUT", "/multiply", b"", {}, b"x=1"),
@@ -838,3 +840,28 @@ def test_wsgi_and_asgi_answer_alike(
     asgi = call(app, method, path, query, headers, chunks)
     assert asgi == wsgi
     assert (wsgi[2] == b"") if method == "HEAD" else json.loads(wsgi[2])  # JSON, never HTML
+
+
+DEEP = b"[" * 1000 + b"]" * 1000
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "status"),
+    [
+        ("/echo", {**FORM_HEADERS, "Content-Length": "9" * 5000}, b"s=x", 413),
+        ("/echo", {**FORM_HEADERS, "Content-Length": "0" * 5000 + "3"}, b"s=x", 200),
+        ("/amultiply", JSON, b'{"x": ' + DEEP + b', "y": 1}', 400),
+        ("/apply/multiply", JSON, b'{"x": ' + DEEP + b"}", 400),
+    ],
+    ids=["5000-digit-length", "zeros-then-3", "deep-argument", "deep-apply"],
+)
+def test_hostile_lengths_and_depths_get_a_clear_answer_on_both(
+    path: str, headers: dict[str, str], body: bytes, status: int
+) -> None:
+    app = asgi_app.make_app(max_body_bytes=10_000)  # room for a body 1,000 deep
+    headers = {"Content-Length": str(len(body)), **headers}
+    wsgi = wsgi_call(app, "POST", path, b"", headers, body)
+    assert wsgi[0] == status, wsgi
+    assert json.loads(wsgi[2])  # an envelope, never a dropped connection or HTML
+    assert call(app, "POST", path, b"", headers, (body,))[0] == status
+    app.close()

@@ -245,6 +245,17 @@ def test_announced_length_over_limit_is_413_without_reading() -> None:
     assert envelope["status"] == "failure"
 
 
+def test_a_length_with_5000_zeros_in_front_is_read_as_its_value(server: TaskServer) -> None:
+    raw = raw_exchange(
+        server,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"0" * 5000 + b"3\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\r\ns=a",
+    )
+    status_line, _, envelope = split_response(raw)
+    assert status_line.startswith("HTTP/1.1 200")
+    assert envelope == {"status": "success", "retval": "a"}
+
+
 def test_chunked_body_is_411(server: TaskServer) -> None:
     raw = raw_exchange(
         server,
@@ -265,6 +276,8 @@ def test_chunked_body_is_411(server: TaskServer) -> None:
         (b"BREW /echo HTTP/1.1\r\nHost: x\r\n\r\n", 501),
         (b"GET /echo?s=1 HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
         (b"GET /echo?s=1 HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+        # more digits than int() reads (4,300)
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413),
     ],
 )
 def test_protocol_errors_are_json_envelopes(

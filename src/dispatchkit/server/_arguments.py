@@ -9,6 +9,7 @@ per parameter, when the task is registered, and accepts both shapes.
 from __future__ import annotations
 
 import inspect
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -34,7 +35,10 @@ class ArgumentError(ValueError):
 
 
 def _show(value: object, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a JSON body nested a thousand deep
+        text = reprlib.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -385,8 +385,27 @@ def _arguments_size(kwargs: Mapping[str, object]) -> int:
     """The bytes of the arguments, as the call will send them (about)."""
     try:
         return len(orjson.dumps(dict(kwargs)))
-    except TypeError:  # not plain JSON data: an estimate will do
-        return len(repr(kwargs))
+    except TypeError:  # not plain JSON data, or nested past orjson's limit: an estimate
+        return _estimate(kwargs)
+
+
+def _estimate(value: object) -> int:
+    """About the bytes of ``value`` as JSON, without recursion (it may be 1,000 deep)."""
+    size, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (str, bytes)):
+            size += len(item) + 3
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+            size += 2
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+            size += 2
+        else:
+            size += 8
+    return size
 
 
 def _json(value: Any) -> bytes:

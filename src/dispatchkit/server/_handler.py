@@ -32,6 +32,8 @@ __all__ = ["WSGIRequestHandler"]
 
 logger = logging.getLogger("dispatchkit.server")
 
+#: More digits than this in a Content-Length (zeros in front aside) is past any body.
+_LENGTH_DIGITS = 18
 _DRAIN_LIMIT = 64 * 1024  # unread body a connection may swallow and still be kept alive
 _LINGER_SECONDS = 2.0  # reading what a client still sends after we gave up on its body
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
@@ -228,7 +230,12 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
             self._linger = True
             self.send_error(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
             return
-        body_input = _BodyInput(self.rfile, int(length_text or 0))
+        digits = length_text.lstrip("0")  # int() refuses 4,300 digits, zeros or not
+        if len(digits) > _LENGTH_DIGITS:
+            self._linger = True
+            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "Content-Length too large")
+            return
+        body_input = _BodyInput(self.rfile, int(digits or 0))
         try:
             code, phrase, headers, body = self._call_app(self._environ(body_input, length_text))
         except RequestTimeout as exc:
