@@ -546,6 +546,19 @@ def test_redirect_methods(new_client: MakeClient, peer: str, code: int, method: 
     assert echo["body"] == ("location=%2Fecho&x=1" if method == "POST" else "")
 
 
+@pytest.mark.parametrize(
+    "location", ["http://127.0.0.1:99999/t", "http://127.0.0.1:abc/t", "http://[::1/t"]
+)
+def test_a_redirect_to_what_is_not_a_url_is_an_invalid_response(
+    new_client: MakeClient, location: str
+) -> None:
+    moved = response(302, b"", {"Location": location})
+    with ScriptedServer([serve(lambda request: moved)]) as server:
+        c = new_client(follow_redirects=1, retry_attempts=1)
+        with pytest.raises(InvalidResponseError, match="the redirect's Location is not a URL"):
+            c.call(f"{server.url}/t")
+
+
 def test_credentials_do_not_follow_a_redirect_to_another_origin(
     new_client: MakeClient, peer: str
 ) -> None:

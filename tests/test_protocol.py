@@ -180,6 +180,31 @@ def test_bad_calls_are_usage_errors(dispatcher: Dispatcher, peer: str) -> None:
         dispatcher.apply(f"{peer}/echo", timeout=0)
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (10**400, "must be positive and finite, got an int of 1329 bits"),
+        (1e10, "must be at most 1e+09 seconds, got 10000000000.0"),
+    ],
+)
+def test_a_duration_past_the_clock_is_a_usage_error(
+    dispatcher: Dispatcher, peer: str, value: object, message: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Dispatcher(timeout=value)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        dispatcher.apply(f"{peer}/echo", timeout=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_form_argument_name_that_is_not_a_str_is_an_encode_error(
+    dispatcher: Dispatcher, peer: str, method: str
+) -> None:
+    with pytest.raises(EncodeError, match="argument name 1 is a int"):
+        dispatcher.apply(f"{peer}/echo", method, {1: 2})  # type: ignore[dict-item]
+    assert dispatcher.apply(f"{peer}/echo", "POST", {"s": "x", 1: 2}, json=True) is not None  # type: ignore[dict-item]
+
+
 ARGUMENTS = "a call's arguments must be a mapping of names to values"
 
 

@@ -411,7 +411,18 @@ def test_no_proxy_entries(host: str, port: int, bypass: bool) -> None:
     assert NoProxy(NO_PROXY).bypass(host, port) is bypass
 
 
-@pytest.mark.parametrize("entry", ["exa*mple.com", "host:port", "[::1]x", "a b"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "exa*mple.com",
+        "host:port",
+        "[::1]x",
+        "a b",
+        "host:\u00b2",
+        "[::1]:\u00b9",
+        "h:" + "1" * 5000,
+    ],
+)
 def test_no_proxy_refuses_what_it_cannot_read(entry: str) -> None:
     with pytest.raises(UsageError, match="NO_PROXY"):
         NoProxy(entry)

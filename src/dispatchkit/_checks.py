@@ -19,15 +19,33 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+#: The most seconds any duration may be (about 31 years): a socket's timeout, a sleep or
+#: a Redis expiry of more overflows the platform's clock types.
+MAX_SECONDS = 1e9
+
+
 def seconds(value: object, what: str, *, zero: bool = False) -> float:
-    """``value`` if it is a finite number of seconds, positive (or ``>= 0`` with ``zero``)."""
+    """``value`` if it is a finite number of seconds, positive (or ``>= 0`` with ``zero``),
+    at most :data:`MAX_SECONDS`."""
     if not _is_number(value):
         raise UsageError(f"{what} must be a number of seconds, got {value!r}")
-    number = float(value)  # type: ignore[arg-type]  # _is_number said int or float
+    try:
+        number = float(value)  # type: ignore[arg-type]  # _is_number said int or float
+    except OverflowError:  # an int past any float
+        number = math.inf
     if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
         bound = ">= 0" if zero else "positive"
-        raise UsageError(f"{what} must be {bound} and finite, got {value!r}")
+        raise UsageError(f"{what} must be {bound} and finite, got {_short(value)}")
+    if number > MAX_SECONDS:
+        raise UsageError(f"{what} must be at most {MAX_SECONDS:.0e} seconds, got {_short(value)}")
     return number
+
+
+def _short(value: object) -> str:
+    """``repr(value)``; an int too long for that (4,300 digits) is described instead."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
 
 
 def count(value: object, what: str, *, minimum: int = 1, maximum: int | None = None) -> int:

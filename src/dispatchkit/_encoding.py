@@ -181,6 +181,12 @@ def form_pairs(kwargs: Mapping[str, Any]) -> Pairs:
     """
     pairs: Pairs = []
     for name, value in kwargs.items():
+        if not isinstance(name, str):
+            raise EncodeError(
+                f"argument name {name!r} is a {type(name).__name__}: a form or query "
+                "takes str names (a JSON body takes others)",
+                argument=str(name),
+            )
         if value is None:
             continue
         if isinstance(value, (list, tuple)):

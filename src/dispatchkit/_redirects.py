@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
 from dispatchkit._redact import mask_url
-from dispatchkit.exceptions import UsageError
+from dispatchkit.exceptions import InvalidResponseError, UsageError
 
 #: The URL schemes the built-in transports speak.
 SCHEMES = ("http", "https")
@@ -22,9 +22,20 @@ def next_hop(
     body: bytes | None,
     headers: Mapping[str, str],
 ) -> tuple[str, str, bytes | None, Mapping[str, str]]:
-    """The next hop of a redirect, as browsers and requests take it."""
-    target = urljoin(url, location)
-    if urlsplit(target).scheme not in SCHEMES:
+    """The next hop of a redirect, as browsers and requests take it.
+
+    A ``Location`` that is not a URL (a port past 65535, a host that cannot
+    be one) is the server's error: :class:`InvalidResponseError`.
+    """
+    try:
+        target = urljoin(url, location)
+        scheme = urlsplit(target).scheme
+        _origin(target)
+    except ValueError as exc:
+        raise InvalidResponseError(
+            f"the redirect's Location is not a URL ({exc}): {location[:100]!r}", status=status
+        ) from None
+    if scheme not in SCHEMES:
         raise UsageError(f"redirect to an unsupported scheme: {mask_url(target)!r}")
     if status == 303 or (status in (301, 302) and method == "POST"):
         method, body = ("HEAD" if method == "HEAD" else "GET"), None

@@ -194,7 +194,7 @@ class NoProxy:
 
 
 def _port(text: str, entry: str, source: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise UsageError(f"{source}: {entry!r} has an invalid port")
     return int(text)
 
