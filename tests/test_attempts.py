@@ -295,6 +295,10 @@ BAD: dict[str, object] = {
     "started as a number": {**GOOD.to_dict(), "started": 1_700_000_000.25},
     "status as text": {**GOOD.to_dict(), "status": "503"},
     "worker None": {**GOOD.to_dict(), "worker": None},
+    "duration past any float": {**GOOD.to_dict(), "duration": 10**400},
+    "pool_wait past any float": {**GOOD.to_dict(), "pool_wait": 10**400},
+    "started year 0 in UTC": {**GOOD.to_dict(), "started": "0001-01-01T00:00:00+14:00"},
+    "started year 10000 in UTC": {**GOOD.to_dict(), "started": "9999-12-31T23:59:59-23:59"},
 }
 
 

@@ -393,6 +393,21 @@ def test_serve_on_a_taken_port_exits_1(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1 port {port}" in done.stderr
 
 
+def test_serve_on_a_host_that_cannot_be_one_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "cli_tasks_mod.py").write_text(TASKS_MODULE, encoding="utf-8")
+    done = cli("serve", "cli_tasks_mod:app", "--port", "0", "--host", "a" * 300, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "cannot listen on" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("backlog", ["0", "65536", "9" * 30])
+def test_serve_refuses_a_backlog_listen_cannot_take(backlog: str, tmp_path: Path) -> None:
+    done = cli("serve", "cli_tasks_mod:app", "--backlog", backlog, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "must be 1 to 65535" in done.stderr
+
+
 # -- plugins ------------------------------------------------------------------------
 
 

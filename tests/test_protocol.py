@@ -13,6 +13,7 @@ import pytest
 from conftest import peer_stats
 from dispatchkit import (
     AsyncDispatcher,
+    Call,
     ConnectError,
     Dispatcher,
     DispatchError,
@@ -446,6 +447,54 @@ def test_every_error_type_crosses_process_boundaries_as_itself() -> None:
         copy = errors.error_from_dict(original.to_dict())
         assert type(copy) is error_type
         assert copy.message == original.message
+
+
+def test_an_error_record_with_fields_missing_reads_with_the_defaults() -> None:
+    """A record of an older version, or written by hand: every attribute is there."""
+    import dispatchkit.exceptions as errors
+
+    for name, error_type in errors._BY_NAME.items():
+        copy = errors.error_from_dict({"type": name})
+        assert type(copy) is error_type
+        assert (copy.message, copy.task_id, copy.method, copy.url) == ("", None, None, None)
+        str(copy), repr(copy), copy.to_dict()  # none raises
+    assert errors.error_from_dict({"type": "ConnectError"}).transient is True  # type: ignore[attr-defined]
+    opened = errors.error_from_dict({"type": "CircuitOpenError", "message": "open"})
+    assert (opened.transient, opened.retry_in) == (False, 0.0)  # type: ignore[attr-defined]
+    reason = errors.error_from_dict({"type": "RemoteExecuteError", "message": "disk full"})
+    assert reason.reason == "disk full"  # type: ignore[attr-defined]
+    a, b = (errors.error_from_dict({"type": "HTTPStatusError"}) for _ in range(2))
+    assert a.headers == {}  # type: ignore[attr-defined]
+    assert a.headers is not b.headers  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ([], "an error record must be a mapping, not list"),
+        (None, "an error record must be a mapping, not NoneType"),
+        ({"type": "HTTPStatusError", "body_excerpt": {"$bytes": 5}}, "latin-1 text, got 5"),
+        ({"type": "HTTPStatusError", "body_excerpt": {"$bytes": "\u20ac"}}, "latin-1 text"),
+    ],
+)
+def test_an_error_record_that_cannot_be_one_is_a_usage_error(record: Any, message: str) -> None:
+    import dispatchkit.exceptions as errors
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        errors.error_from_dict(record)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ([("url", "http://x/")], "a call must be a mapping, not list"),
+        ({"url": "http://x/", "bogus": 1}, "a call has no field(s) 'bogus'"),
+        ({"method": "GET"}, "a call needs a 'url'"),
+    ],
+)
+def test_a_call_record_that_cannot_be_one_is_a_usage_error(record: Any, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Call.from_dict(record)
 
 
 def test_every_error_is_a_dispatch_error(dispatcher: Dispatcher, peer: str) -> None:

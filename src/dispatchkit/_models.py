@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from dispatchkit._checks import MAX_SECONDS
 from dispatchkit._redact import excerpt, mask_url
 from dispatchkit.exceptions import InvalidResponseError, UnknownStatusError, UsageError
 
@@ -142,12 +142,12 @@ class Attempt:
         number, duration = data["number"], data["duration"]
         if number < 1:
             raise UsageError(f"attempt 'number' counts from 1, got {number!r}")
-        if not 0 <= duration < math.inf:
+        if not 0 <= duration <= MAX_SECONDS:
             raise UsageError(f"attempt 'duration' must be finite seconds >= 0, got {duration!r}")
         pool_wait = data.get("pool_wait", 0.0)
         if isinstance(pool_wait, bool) or not isinstance(pool_wait, (int, float)):
             raise UsageError(f"attempt 'pool_wait' has the wrong type: {pool_wait!r}")
-        if not 0 <= pool_wait < math.inf:
+        if not 0 <= pool_wait <= MAX_SECONDS:
             raise UsageError(f"attempt 'pool_wait' must be finite seconds >= 0, got {pool_wait!r}")
         return cls(
             number=number,
@@ -185,7 +185,12 @@ def _utc_seconds(text: str) -> float:
         raise UsageError(f"attempt 'started' is not an ISO 8601 time: {text!r}") from None
     if moment.tzinfo is None:
         raise UsageError(f"attempt 'started' has no UTC offset: {text!r}")
-    return moment.timestamp()
+    seconds = moment.timestamp()
+    try:  # as started_at will read it: year 1 at +14:00 is year 0 in UTC
+        datetime.fromtimestamp(seconds, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(f"attempt 'started' is out of range in UTC: {text!r}") from None
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +235,15 @@ class Call:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Call:
+        """Read :meth:`to_dict`'s data back; a :class:`UsageError` for what is not a call
+        (the values themselves are checked where the call is built)."""
+        if not isinstance(data, Mapping):
+            raise UsageError(f"a call must be a mapping, not {type(data).__name__}")
+        unknown = [str(key) for key in data if key not in _CALL_FIELDS]
+        if unknown:
+            raise UsageError(f"a call has no field(s) {', '.join(map(repr, sorted(unknown)))}")
+        if "url" not in data:
+            raise UsageError("a call needs a 'url'")
         return cls(**data)
 
 
@@ -431,3 +445,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+_CALL_FIELDS = frozenset(Call.__dataclass_fields__)

@@ -35,12 +35,14 @@ def _port(text: str) -> int:
 
 
 def _backlog(text: str) -> int:
+    from dispatchkit.server._serve import MAX_BACKLOG  # the server, only when serving
+
     try:
         backlog = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if backlog < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    if not 1 <= backlog <= MAX_BACKLOG:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BACKLOG}: {text!r}")
     return backlog
 
 
@@ -143,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
     server = app.server(host=args.host, port=args.port, **backlog)
     try:
         server.start()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, UnicodeError, TypeError) as exc:  # TypeError: a host IDNA cannot encode
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
         print(
             f"dispatchkit: cannot listen on {args.host} port {args.port}: {reason}",
             file=sys.stderr,

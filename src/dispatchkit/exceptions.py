@@ -124,21 +124,39 @@ def error_from_dict(data: Mapping[str, Any]) -> DispatchError:
     An unknown type name gives a plain :class:`DispatchError`: the data never
     names what gets imported or called.
     """
+    if not isinstance(data, Mapping):
+        raise UsageError(f"an error record must be a mapping, not {type(data).__name__}")
     cls = _BY_NAME.get(str(data.get("type")), DispatchError)
-    state = {
-        key: value["$bytes"].encode("latin-1")
-        if isinstance(value, dict) and set(value) == {"$bytes"}
-        else value
-        for key, value in data.items()
-        if key != "type"
-    }
+    state = {str(key): _value(value) for key, value in data.items() if key != "type"}
     state["request"] = None
     return _rebuild(cls, state)
 
 
+def _value(value: Any) -> Any:
+    """A value of :meth:`DispatchError.to_dict`, with its bytes (``{"$bytes": ...}``) back."""
+    if not (isinstance(value, dict) and set(value) == {"$bytes"}):
+        return value
+    text = value["$bytes"]
+    try:
+        return text.encode("latin-1")
+    except (AttributeError, UnicodeEncodeError):
+        raise UsageError(f"an error record's bytes must be latin-1 text, got {text!r}") from None
+
+
 def _rebuild(cls: type[DispatchError], state: dict[str, Any]) -> DispatchError:
+    """``cls`` with ``state``; what the state lacks (a record of an older version, or
+    written by hand) takes the default its constructor would have given."""
     error = cls.__new__(cls)
-    Exception.__init__(error, state.get("message", ""))
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in _DEFAULTS.get(klass, {}).items():
+            defaults[name] = dict(value) if isinstance(value, dict) else value  # not shared
+    if issubclass(cls, RemoteExecuteError) and "reason" not in state:
+        defaults["reason"] = state.get("message", "")
+    state = {**defaults, **state}
+    if not isinstance(state["message"], str):
+        state["message"] = str(state["message"])
+    Exception.__init__(error, state["message"])
     error.__dict__.update(state)
     return error
 
@@ -325,4 +343,19 @@ _BY_NAME: dict[str, type[DispatchError]] = {
         SignatureError,
         PluginLoadError,
     )
+}
+
+
+#: What each error's constructor sets when it is not given, for :func:`_rebuild`.
+_DEFAULTS: dict[type[DispatchError], dict[str, Any]] = {
+    DispatchError: {"message": "", "request": None, "task_id": None, "method": None, "url": None},
+    EncodeError: {"argument": ""},
+    TransportError: {"transient": True},
+    CircuitOpenError: {"transient": False, "origin": "", "retry_at": 0.0},
+    EndpointDisabledError: {"transient": False, "endpoint": ""},
+    HTTPStatusError: {"status": 0, "headers": {}, "body_excerpt": b""},
+    InvalidResponseError: {"status": None, "body_excerpt": b""},
+    ResponseTooLargeError: {"limit": 0},
+    RemoteExecuteError: {"reason": "", "status": None, "headers": {}},
+    PluginLoadError: {"plugin": ""},
 }

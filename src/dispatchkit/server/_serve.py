@@ -28,6 +28,8 @@ __all__ = ["BACKLOG", "ServerStats", "TaskServer"]
 logger = logging.getLogger("dispatchkit.server")
 
 _POLL_INTERVAL = 0.1  # how quickly stop() is noticed by the accept loop
+#: The largest ``backlog``: ``listen()`` takes a C int, and kernels cap it far lower.
+MAX_BACKLOG = 65535
 #: Connections the kernel may queue for the accept loop (``listen()``'s backlog);
 #: the kernel caps it (``net.core.somaxconn`` on Linux: 4096 by default since 5.4).
 BACKLOG = 1024
@@ -161,7 +163,7 @@ class TaskServer:
     ) -> None:
         seconds(idle_timeout, "idle_timeout")
         seconds(request_timeout, "request_timeout")
-        count(backlog, "backlog")
+        count(backlog, "backlog", maximum=MAX_BACKLOG)
         self.app = app
         self.host = host
         self.idle_timeout = idle_timeout
