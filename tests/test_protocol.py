@@ -206,6 +206,42 @@ def test_a_form_argument_name_that_is_not_a_str_is_an_encode_error(
     assert dispatcher.apply(f"{peer}/echo", "POST", {"s": "x", 1: 2}, json=True) is not None  # type: ignore[dict-item]
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"egress_allow": 5},
+            "setting 'egress_allow' takes a list of CIDRs and host names, got int",
+        ),
+        ({"egress_allow": [None]}, "takes a list of CIDRs and host names, got None"),
+        ({"egress_allow": ["10.0.0.0/99"]}, "'10.0.0.0/99' is not a CIDR"),
+        ({"rate_limits": {"http://[::1": "5/s"}}, "takes origins ('https://api.example.com')"),
+    ],
+)
+def test_bad_settings_of_the_wrong_shape_are_usage_errors(
+    settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Dispatcher(**settings)
+
+
+@pytest.mark.parametrize(
+    ("use", "message"),
+    [
+        (lambda d, url: d.apply(url, headers=[("a", "b")]), "headers must be a mapping"),
+        (lambda d, url: d.map(url, [{}], concurrency="a"), "concurrency must be a positive int"),
+        (lambda d, url: d.execute({"url": url}), "execute takes a dispatchkit.Call, got dict"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_usage_errors(
+    dispatcher: Dispatcher, peer: str, use: Any, message: str
+) -> None:
+    dispatcher.call(f"{peer}/stats/reset")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        use(dispatcher, f"{peer}/echo")
+    assert peer_stats(dispatcher, peer)["requests"] == 1  # only the /stats call itself
+
+
 ARGUMENTS = "a call's arguments must be a mapping of names to values"
 
 

@@ -213,8 +213,8 @@ class Dispatcher:
         their place in the list instead. ``options`` are every call's (see :meth:`apply`).
         """
         window = concurrency or self.settings.pool_maxsize
-        if window < 1:
-            raise UsageError(f"concurrency must be positive, got {concurrency!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise UsageError(f"concurrency must be a positive int, got {concurrency!r}")
         pending: deque[Result] = deque()
         values: list[Any] = []
         failed = False

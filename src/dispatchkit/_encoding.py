@@ -71,6 +71,10 @@ def build_request(call: Call, headers: Mapping[str, str], timeout: float) -> Req
     method = normalize_method(call.method)
     request_headers = dict(headers)
     if call.headers:
+        if not isinstance(call.headers, Mapping):
+            raise UsageError(
+                f"headers must be a mapping of names to values, got {type(call.headers).__name__}"
+            )
         check_headers(call.headers)
         _merge_headers(request_headers, call.headers)
     body: bytes | None = None

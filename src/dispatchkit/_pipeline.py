@@ -141,6 +141,8 @@ class Pipeline:
 
     def build(self, call: Call) -> Request:
         """The request for ``call``; a refusal names the call (nothing was sent)."""
+        if not isinstance(call, Call):
+            raise UsageError(f"execute takes a dispatchkit.Call, got {type(call).__name__}")
         try:
             return build_request(call, self.headers, self.settings.timeout)
         except DispatchError as exc:

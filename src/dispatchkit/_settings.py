@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 from collections.abc import Mapping
@@ -90,9 +91,7 @@ class Settings:
             count(getattr(self, name), f"setting {name!r}")
         if self.egress not in ("any", "public"):
             raise UsageError(f"setting 'egress' must be 'any' or 'public', got {self.egress!r}")
-        if isinstance(self.egress_allow, str):
-            raise UsageError("setting 'egress_allow' takes a list of CIDRs and host names")
-        object.__setattr__(self, "egress_allow", tuple(self.egress_allow))
+        object.__setattr__(self, "egress_allow", _allowed(self.egress_allow))
         count(self.follow_redirects, "setting 'follow_redirects'", minimum=0, maximum=30)
         if not isinstance(self.executor, str) or not self.executor:
             raise UsageError(f"setting 'executor' must be a name, got {self.executor!r}")
@@ -123,3 +122,27 @@ def _masked(name: str, value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return mask_url(value)  # a broker URL's password
     return value
+
+
+def _allowed(entries: object) -> tuple[str, ...]:
+    """Setting ``egress_allow``: a list of host names and CIDRs, each CIDR one that parses."""
+    message = "setting 'egress_allow' takes a list of CIDRs and host names"
+    if isinstance(entries, (str, bytes)):
+        raise UsageError(message)
+    try:
+        allowed: tuple[object, ...] = tuple(entries)  # type: ignore[arg-type]  # checked here
+    except TypeError:
+        raise UsageError(f"{message}, got {type(entries).__name__}") from None
+    names: list[str] = []
+    for entry in allowed:
+        if not isinstance(entry, str) or not entry:
+            raise UsageError(f"{message}, got {entry!r}")
+        if "/" in entry:  # a CIDR, never a host name
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise UsageError(
+                    f"setting 'egress_allow': {entry!r} is not a CIDR: {exc}"
+                ) from None
+        names.append(entry)
+    return tuple(names)

@@ -168,7 +168,10 @@ def parse_rate_limits(value: object) -> dict[str, RateLimit]:
 
 
 def _origin(key: object) -> str:
-    parts = urlsplit(key) if isinstance(key, str) else None
+    try:
+        parts = urlsplit(key) if isinstance(key, str) else None
+    except ValueError:  # "http://[::1": not a URL
+        parts = None
     if parts is None or parts.path not in ("", "/") or parts.query or "@" in parts.netloc:
         raise UsageError(
             f"setting 'rate_limits' takes origins ('https://api.example.com') or '*', got {key!r}"
