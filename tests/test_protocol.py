@@ -225,23 +225,6 @@ def test_bad_settings_of_the_wrong_shape_are_usage_errors(
         Dispatcher(**settings)
 
 
-@pytest.mark.parametrize(
-    ("use", "message"),
-    [
-        (lambda d, url: d.apply(url, headers=[("a", "b")]), "headers must be a mapping"),
-        (lambda d, url: d.map(url, [{}], concurrency="a"), "concurrency must be a positive int"),
-        (lambda d, url: d.execute({"url": url}), "execute takes a dispatchkit.Call, got dict"),
-    ],
-)
-def test_arguments_of_the_wrong_type_are_usage_errors(
-    dispatcher: Dispatcher, peer: str, use: Any, message: str
-) -> None:
-    dispatcher.call(f"{peer}/stats/reset")
-    with pytest.raises(UsageError, match=re.escape(message)):
-        use(dispatcher, f"{peer}/echo")
-    assert peer_stats(dispatcher, peer)["requests"] == 1  # only the /stats call itself
-
-
 ARGUMENTS = "a call's arguments must be a mapping of names to values"
 
 
@@ -257,9 +240,12 @@ ARGUMENTS = "a call's arguments must be a mapping of names to values"
         (lambda d, url: d.map(url, "x=1"), "map takes an iterable of calls, got one str"),
         (lambda d, url: d.map(url, 5), "map takes an iterable of calls, got int"),
         (lambda d, url: d.submit_calls(None), "submit_calls takes an iterable of calls"),
+        (lambda d, url: d.apply(url, headers=[("a", "b")]), "headers must be a mapping"),
+        (lambda d, url: d.map(url, [{}], concurrency="a"), "concurrency must be a positive int"),
+        (lambda d, url: d.execute({"url": url}), "execute takes a dispatchkit.Call, got dict"),
     ],
 )
-def test_calls_that_are_not_mappings_are_usage_errors(
+def test_calls_and_arguments_of_the_wrong_type_are_usage_errors(
     dispatcher: Dispatcher, peer: str, use: Any, message: str
 ) -> None:
     dispatcher.call(f"{peer}/stats/reset")
