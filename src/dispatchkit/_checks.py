@@ -66,8 +66,14 @@ def each(calls: object, what: str) -> Iterator[Any]:
     """
     if isinstance(calls, (str, bytes, Mapping)):
         raise UsageError(f"{what} takes an iterable of calls, got one {type(calls).__name__}")
+    return iterate(calls, f"{what} takes an iterable of calls")
+
+
+def iterate(value: object, refusal: str) -> Iterator[Any]:
+    """``iter(value)``; when ``value`` is not iterable, a :class:`~dispatchkit.UsageError`
+    saying ``refusal`` and the type it got."""
     try:
-        iterator: Iterator[Any] = iter(calls)  # type: ignore[call-overload]  # checked here
+        iterator: Iterator[Any] = iter(value)  # type: ignore[call-overload]  # checked here
     except TypeError:
-        raise UsageError(f"{what} takes an iterable of calls, got {type(calls).__name__}") from None
+        raise UsageError(f"{refusal}, got {type(value).__name__}") from None
     return iterator

@@ -13,6 +13,7 @@ from typing import Any
 import pluggy
 
 from dispatchkit import hookspecs
+from dispatchkit._checks import iterate
 from dispatchkit._models import PluginInfo
 from dispatchkit._version import __version__
 from dispatchkit.builtin import DEFAULT_PLUGINS, PLUGINS_WHEN_SET
@@ -93,12 +94,7 @@ def plugin_name(plugin: object) -> str:
 
 def _names(disable: Iterable[str]) -> set[str]:
     """The plugin names of ``disable``; a :class:`UsageError` unless it is a list of str."""
-    try:
-        names = list(disable)
-    except TypeError:
-        raise UsageError(
-            f"'disable' takes a list of plugin names, got {type(disable).__name__}"
-        ) from None
+    names = list(iterate(disable, "'disable' takes a list of plugin names"))
     for name in names:
         if not isinstance(name, str):
             raise UsageError(f"'disable' takes plugin names (str), got {name!r}")
@@ -119,10 +115,7 @@ def build_manager(
     if isinstance(disable, str) or isinstance(plugins, (str, bytes)):
         raise UsageError("'plugins' and 'disable' take lists, not a single string")
     blocked = _names(disable)
-    try:
-        plugins = list(plugins)
-    except TypeError:
-        raise UsageError(f"'plugins' takes a list, got {type(plugins).__name__}") from None
+    plugins = list(iterate(plugins, "'plugins' takes a list"))
     # A plugin given in code replaces a built-in or entry-point plugin of the same name.
     given: dict[str, object] = {}
     for plugin in plugins:

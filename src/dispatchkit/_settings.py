@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dispatchkit._checks import count, seconds
+from dispatchkit._checks import count, iterate, seconds
 from dispatchkit._redact import SECRET_NAME, mask_url
 from dispatchkit._version import __version__
 from dispatchkit.exceptions import UsageError
@@ -129,12 +129,8 @@ def _allowed(entries: object) -> tuple[str, ...]:
     message = "setting 'egress_allow' takes a list of CIDRs and host names"
     if isinstance(entries, (str, bytes)):
         raise UsageError(message)
-    try:
-        allowed: tuple[object, ...] = tuple(entries)  # type: ignore[arg-type]  # checked here
-    except TypeError:
-        raise UsageError(f"{message}, got {type(entries).__name__}") from None
     names: list[str] = []
-    for entry in allowed:
+    for entry in iterate(entries, message):
         if not isinstance(entry, str) or not entry:
             raise UsageError(f"{message}, got {entry!r}")
         if "/" in entry:  # a CIDR, never a host name

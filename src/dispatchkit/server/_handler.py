@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote
 
 from dispatchkit._version import __version__
+from dispatchkit.server._http import length_value
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -32,8 +33,6 @@ __all__ = ["WSGIRequestHandler"]
 
 logger = logging.getLogger("dispatchkit.server")
 
-#: More digits than this in a Content-Length (zeros in front aside) is past any body.
-_LENGTH_DIGITS = 18
 _DRAIN_LIMIT = 64 * 1024  # unread body a connection may swallow and still be kept alive
 _LINGER_SECONDS = 2.0  # reading what a client still sends after we gave up on its body
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
@@ -230,12 +229,12 @@ class WSGIRequestHandler(BaseHTTPRequestHandler):
             self._linger = True
             self.send_error(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
             return
-        digits = length_text.lstrip("0")  # int() refuses 4,300 digits, zeros or not
-        if len(digits) > _LENGTH_DIGITS:
+        length = length_value(length_text)
+        if length is None:
             self._linger = True
             self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "Content-Length too large")
             return
-        body_input = _BodyInput(self.rfile, int(digits or 0))
+        body_input = _BodyInput(self.rfile, length)
         try:
             code, phrase, headers, body = self._call_app(self._environ(body_input, length_text))
         except RequestTimeout as exc:

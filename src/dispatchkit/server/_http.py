@@ -177,13 +177,21 @@ def announced_length(content_length: str, limit: int) -> int | None:
         return None
     if not (text.isascii() and text.isdigit()):
         raise Refused(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {text[:40]!r}")
-    digits = text.lstrip("0")  # int() refuses 4,300 digits, zeros or not
-    if len(digits) > 18:  # past any limit
-        raise too_large(limit)
-    length = int(digits or 0)
-    if length > limit:
+    length = length_value(text)
+    if length is None or length > limit:
         raise too_large(limit)
     return length
+
+
+#: More digits than this in a Content-Length (zeros in front aside) is past any body.
+LENGTH_DIGITS = 18
+
+
+def length_value(digits: str) -> int | None:
+    """The value of a Content-Length of ASCII ``digits``; ``None`` when it is past any
+    body (``int()`` refuses 4,300 digits, zeros or not)."""
+    significant = digits.lstrip("0")
+    return None if len(significant) > LENGTH_DIGITS else int(significant or 0)
 
 
 def too_large(limit: int) -> Refused:

@@ -40,6 +40,7 @@ import redis
 from celery import Celery
 
 from dispatchkit import Attempt, Call, DispatchError, UsageError
+from dispatchkit._checks import iterate
 from dispatchkit._endpoints import endpoint_key
 from dispatchkit._redact import MASK, SECRET_NAME, mask_url
 from dispatchkit.exceptions import error_from_dict
@@ -429,10 +430,7 @@ def task_ids(ids: Iterable[str], what: str) -> builtins.list[str]:
     """The task ids of ``ids``, a list of them (not one str); else a ``UsageError``."""
     if isinstance(ids, (str, bytes)):
         raise UsageError(f"{what} takes a list of task ids, not a single string: [{ids!r}]")
-    try:
-        return [checked_task_id(task_id) for task_id in ids]
-    except TypeError:
-        raise UsageError(f"{what} takes a list of task ids, got {type(ids).__name__}") from None
+    return [checked_task_id(one) for one in iterate(ids, f"{what} takes a list of task ids")]
 
 
 def _origin(origin: object) -> str | None:
